@@ -1,0 +1,73 @@
+"""/v1/jobs: submit, batch-submit, read, list, cancel. Logic lives in services.jobs."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query, Response
+
+from orchestrator.db.engine import session_scope
+from orchestrator.domain import JOB_KINDS, BatchCreate, JobCreate, JobOut, JobPage, JobStatus
+from orchestrator.scheduling.queues import provider_queue
+from orchestrator.services import jobs, messaging
+
+from ..deps import SettingsDep, TenantDep
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=201, response_model=JobOut, name="submit_job",
+             responses={200: {"description": "An existing job with the same idempotency key"}})
+def submit_job(body: Annotated[JobCreate, Body()], tenant: TenantDep, settings: SettingsDep, response: Response) -> JobOut:
+    with session_scope() as s:
+        job, created = jobs.submit(s, tenant, body, settings)
+        out = jobs.to_out(job)
+    if created:
+        messaging.send(messaging.DISPATCH, [str(out.id), out.attempt], out.queue)
+    else:
+        response.status_code = 200
+    return out
+
+
+@router.post("/batch", status_code=201, name="submit_batch")
+def submit_batch(body: BatchCreate, tenant: TenantDep, settings: SettingsDep) -> dict[str, object]:
+    with session_scope() as s:
+        batch_id, rows, reused = jobs.submit_batch(s, tenant, body.jobs, settings)
+    messaging.send_dispatches((r["id"], 1, r["queue"]) for r in rows)
+    return {"batch_id": str(batch_id), "created": len(rows),
+            "job_ids": [str(r["id"]) for r in rows] + [str(j.id) for j in reused]}
+
+
+@router.get("/{job_id}", response_model=JobOut, name="get_job")
+def get_job(job_id: uuid.UUID, tenant: TenantDep, events: bool = True) -> JobOut:
+    with session_scope() as s:
+        job = jobs.get_job(s, tenant, job_id)
+        return jobs.to_out(job, jobs.events_for(s, job_id) if events else None)
+
+
+@router.get("", response_model=JobPage, name="list_jobs")
+def list_jobs(
+    tenant: TenantDep,
+    status: JobStatus | None = None,
+    kind: Annotated[str | None, Query(pattern="^(" + "|".join(JOB_KINDS) + ")$")] = None,
+    batch_id: uuid.UUID | None = None,
+    ids: Annotated[list[uuid.UUID] | None, Query(max_length=500)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    with session_scope() as s:
+        found, next_cursor = jobs.list_jobs(s, tenant, status=status.value if status else None, kind=kind,
+                                            batch_id=batch_id, ids=ids, limit=limit, cursor=cursor)
+        return JobPage(jobs=[jobs.to_out(j) for j in found], next_cursor=next_cursor)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, name="cancel_job")
+def cancel_job(job_id: uuid.UUID, tenant: TenantDep) -> JobOut:
+    with session_scope() as s:
+        job, needs_release = jobs.cancel(s, tenant, job_id)
+        out = jobs.to_out(job)
+    if needs_release and out.provider:
+        messaging.send(messaging.RELEASE, [str(out.id)], provider_queue(out.provider))
+    return out
+

@@ -1,0 +1,47 @@
+"""/health (no auth: load balancers call it) and /metrics (Prometheus text)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from sqlalchemy import text
+
+from orchestrator.db.engine import session_scope
+from orchestrator.services.metrics import JobCollector
+
+router = APIRouter(tags=["system"])
+_registry = CollectorRegistry()
+_registry.register(JobCollector())
+
+
+def _check_database() -> str:
+    try:
+        with session_scope() as s:
+            s.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:
+        return f"unreachable ({type(exc).__name__})"
+
+
+def _check_broker() -> str:
+    from workers.celery_app import get_app
+
+    try:
+        with get_app().connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return "ok"
+    except Exception as exc:
+        return f"unreachable ({type(exc).__name__})"
+
+
+@router.get("/health", name="health")
+def health() -> JSONResponse:
+    checks = {"database": _check_database(), "broker": _check_broker()}
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse(status_code=200 if ok else 503, content={"status": "ok" if ok else "degraded", **checks})
+
+
+@router.get("/metrics", name="metrics")
+def metrics() -> Response:
+    return Response(generate_latest(_registry), media_type=CONTENT_TYPE_LATEST)

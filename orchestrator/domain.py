@@ -1,0 +1,213 @@
+"""The public shapes of jobs: what callers submit and what they get back.
+
+Shared by the API (validation, OpenAPI), the SDK (typed results) and the services.
+Each kind has its own spec model so a bad field is reported by name, not as a blob.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from providers.base import Requirements
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    placing = "placing"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+Priority = Literal["high", "normal", "low"]
+JobKind = Literal["inference", "transcription", "training", "distillation", "command"]
+JOB_KINDS: tuple[str, ...] = ("inference", "transcription", "training", "distillation", "command")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Spec):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class InferenceSpec(_Spec):
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = None
+    max_tokens: int = Field(default=256, ge=1, le=200_000)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+
+    @model_validator(mode="after")
+    def _needs_input(self) -> InferenceSpec:
+        if self.messages is None and self.prompt is None:
+            raise ValueError("give either 'messages' or 'prompt'")
+        return self
+
+
+class TranscriptionSpec(_Spec):
+    audio_url: str = Field(min_length=1, max_length=2000)
+    model: str = "whisper-large-v3"
+    language: str | None = Field(default=None, max_length=16)
+    duration_seconds: float | None = Field(default=None, gt=0, description="Length of the audio, if known.")
+
+
+class TrainingSpec(_Spec):
+    base_model: str = Field(min_length=1, max_length=200)
+    dataset_uri: str = Field(min_length=1, max_length=2000)
+    command: list[str] | str | None = None
+    image: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    epochs: int = Field(default=1, ge=1, le=1000)
+    max_steps: int | None = Field(default=None, ge=1)
+    checkpoint_uri: str | None = None
+
+
+class DistillationSpec(_Spec):
+    teacher_model: str = Field(min_length=1, max_length=200)
+    student_model: str = Field(min_length=1, max_length=200)
+    prompts: list[str] = Field(min_length=1, max_length=10_000)
+    max_tokens: int = Field(default=256, ge=1, le=200_000)
+
+
+class CommandSpec(_Spec):
+    command: list[str] | str = Field(description="argv list, or a shell string run with sh -c.")
+    image: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> CommandSpec:
+        if not self.command or (isinstance(self.command, list) and not self.command[0]):
+            raise ValueError("command must not be empty")
+        return self
+
+
+SPEC_MODELS: dict[str, type[_Spec]] = {
+    "inference": InferenceSpec,
+    "transcription": TranscriptionSpec,
+    "training": TrainingSpec,
+    "distillation": DistillationSpec,
+    "command": CommandSpec,
+}
+
+
+class _JobCreateBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Priority = "normal"
+    requirements: Requirements = Field(default_factory=Requirements)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+    timeout_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=50)
+
+
+class InferenceJob(_JobCreateBase):
+    kind: Literal["inference"]
+    spec: InferenceSpec
+
+
+class TranscriptionJob(_JobCreateBase):
+    kind: Literal["transcription"]
+    spec: TranscriptionSpec
+
+
+class TrainingJob(_JobCreateBase):
+    kind: Literal["training"]
+    spec: TrainingSpec
+
+
+class DistillationJob(_JobCreateBase):
+    kind: Literal["distillation"]
+    spec: DistillationSpec
+
+
+class CommandJob(_JobCreateBase):
+    kind: Literal["command"]
+    spec: CommandSpec
+
+
+JobCreate = Annotated[
+    InferenceJob | TranscriptionJob | TrainingJob | DistillationJob | CommandJob,
+    Field(discriminator="kind"),
+]
+job_create_adapter: TypeAdapter[Any] = TypeAdapter(JobCreate)
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobCreate] = Field(min_length=1)
+
+
+class JobEventOut(BaseModel):
+    at: datetime
+    from_status: str | None
+    to_status: str
+    attempt: int
+    actor: str
+    reason: str
+    data: dict[str, Any] | None = None
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    kind: str
+    status: JobStatus
+    priority: str
+    queue: str
+    spec: dict[str, Any]
+    requirements: dict[str, Any]
+    labels: dict[str, Any] = Field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    attempt: int
+    max_attempts: int
+    idempotency_key: str | None = None
+    batch_id: uuid.UUID | None = None
+    provider: str | None = None
+    offer_id: str | None = None
+    price_per_hour: float | None = None
+    placement: dict[str, Any] | None = None
+    cost: float = 0.0
+    duration_seconds: float | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    events: list[JobEventOut] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status.terminal
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = None
+
+
+class BatchOut(BaseModel):
+    id: uuid.UUID
+    size: int
+    created_at: datetime
+    counts: dict[str, int]
+    job_ids: list[uuid.UUID] | None = None
+
+    @property
+    def done(self) -> bool:
+        return sum(self.counts.get(s.value, 0) for s in TERMINAL) >= self.size

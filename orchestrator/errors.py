@@ -1,0 +1,27 @@
+"""Errors gpufleet raises to its users; each carries a message fit to print as one line."""
+
+from __future__ import annotations
+
+
+class GpufleetError(Exception):
+    """Base for errors that are shown to users as-is."""
+
+
+class ConfigError(GpufleetError):
+    """Invalid or unreadable configuration; the message names the setting."""
+
+
+class NotFound(GpufleetError):
+    pass
+
+
+class Conflict(GpufleetError):
+    pass
+
+
+class InvalidTransition(GpufleetError):
+    pass
+
+
+class NoPlacement(GpufleetError):
+    """No offer meets the job's constraints; the message lists why each was rejected."""

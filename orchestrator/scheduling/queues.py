@@ -1,0 +1,24 @@
+"""Which Celery queue a job waits on: its priority first, then its kind."""
+
+from __future__ import annotations
+
+KIND_QUEUES = {
+    "inference": "inference",
+    "transcription": "inference",
+    "training": "training",
+    "distillation": "distillation",
+    "command": "default",
+}
+
+
+def queue_for(kind: str, priority: str) -> str:
+    if priority == "high":
+        return "high_priority"
+    if priority == "low":
+        return "low_priority"
+    return KIND_QUEUES[kind]
+
+
+def provider_queue(provider: str) -> str:
+    """Provider workers consume only their own queue, so they hold only their own credentials."""
+    return f"p.{provider}"

@@ -1,0 +1,168 @@
+"""The Python SDK: a small typed client over the HTTP API.
+
+``Client(url, api_key)`` talks to a running API. ``Client.local()`` starts the embedded
+stack inside this process first, so scripts and tests need no services — and still go
+through exactly the same HTTP API, queues and workers as production.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from orchestrator.domain import BatchOut, JobOut, JobPage
+from orchestrator.sdk.errors import ConnectionFailed, WaitTimeout, error_for
+
+JobId = str | uuid.UUID
+
+
+class BatchResult(BaseModel):
+    batch_id: uuid.UUID
+    created: int
+    job_ids: list[uuid.UUID]
+
+
+class Client:
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 30.0) -> None:
+        from orchestrator.settings import get_settings
+
+        settings = get_settings()
+        self.url = (url or settings.api_url).rstrip("/")
+        self.api_key = api_key or settings.api_key
+        self._http = httpx.Client(base_url=self.url, timeout=timeout,
+                                  headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
+        self._stack: Any = None
+
+    @classmethod
+    def local(cls, concurrency: int = 8) -> Client:
+        """Start API, worker and sweeper in this process (embedded default) and connect to them."""
+        from orchestrator.embedded import EmbeddedStack
+
+        stack = EmbeddedStack(concurrency=concurrency).start()
+        client = cls(stack.url, stack.api_key)
+        client._stack = stack
+        return client
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ConnectionFailed(f"cannot reach gpufleet at {self.url}: {type(exc).__name__}") from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": response.text[:200]}
+        if response.status_code >= 400:
+            raise error_for(response.status_code, body)
+        return body
+
+    def close(self) -> None:
+        self._http.close()
+        if self._stack is not None:
+            self._stack.stop()
+            self._stack = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    @staticmethod
+    def job_body(kind: str, spec: dict[str, Any], *, priority: str = "normal",
+                 requirements: dict[str, Any] | None = None, idempotency_key: str | None = None,
+                 max_attempts: int | None = None, timeout_seconds: int | None = None,
+                 labels: dict[str, str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
+        optional = {"requirements": requirements, "idempotency_key": idempotency_key, "max_attempts": max_attempts,
+                    "timeout_seconds": timeout_seconds, "labels": labels}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return body
+
+    def submit(self, kind: str, spec: dict[str, Any], **options: Any) -> JobOut:
+        """Submit one job. With an ``idempotency_key``, resubmitting returns the original job."""
+        return JobOut.model_validate(self._request("POST", "/v1/jobs", json=self.job_body(kind, spec, **options)))
+
+    def submit_batch(self, jobs: Iterable[dict[str, Any]]) -> BatchResult:
+        """Submit many jobs in one call; each item is a ``job_body(...)`` dict."""
+        return BatchResult.model_validate(self._request("POST", "/v1/jobs/batch", json={"jobs": list(jobs)}))
+
+    def get(self, job_id: JobId, events: bool = True) -> JobOut:
+        return JobOut.model_validate(self._request("GET", f"/v1/jobs/{job_id}", params={"events": events}))
+
+    def list(self, *, status: str | None = None, kind: str | None = None, batch_id: JobId | None = None,
+             ids: Iterable[JobId] | None = None, limit: int = 50, cursor: str | None = None) -> JobPage:
+        params: dict[str, Any] = {"limit": limit}
+        for key, value in (("status", status), ("kind", kind), ("batch_id", batch_id), ("cursor", cursor)):
+            if value is not None:
+                params[key] = str(value)
+        if ids is not None:
+            params["ids"] = [str(i) for i in ids]
+        return JobPage.model_validate(self._request("GET", "/v1/jobs", params=params))
+
+    def iter_jobs(self, **filters: Any) -> Iterator[JobOut]:
+        cursor = None
+        while True:
+            page = self.list(cursor=cursor, **filters)
+            yield from page.jobs
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    def cancel(self, job_id: JobId) -> JobOut:
+        return JobOut.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def batch(self, batch_id: JobId) -> BatchOut:
+        return BatchOut.model_validate(self._request("GET", f"/v1/batches/{batch_id}"))
+
+    def wait(self, job_id: JobId, timeout: float = 300.0, poll_interval: float = 0.1) -> JobOut:
+        """Block until the job is terminal; raises WaitTimeout with the last known status."""
+        deadline = time.monotonic() + timeout
+        delay = poll_interval
+        while True:
+            job = self.get(job_id)
+            if job.done:
+                return job
+            if time.monotonic() + delay > deadline:
+                raise WaitTimeout(f"job {job_id} still {job.status.value} after {timeout:g}s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 2.0)
+
+    def wait_all(self, job_ids: Iterable[JobId], timeout: float = 600.0, poll_interval: float = 0.2,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[JobOut]:
+        """Block until every job is terminal; returns them in the order given."""
+        pending = [str(j) for j in job_ids]
+        total = len(pending)
+        done: dict[str, JobOut] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for start in range(0, len(pending), 200):
+                for job in self.list(ids=pending[start:start + 200], limit=200).jobs:
+                    if job.done:
+                        done[str(job.id)] = job
+            pending = [j for j in pending if j not in done]
+            if on_progress:
+                on_progress(total - len(pending), total)
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"{len(pending)} of {total} jobs still unfinished after {timeout:g}s")
+            time.sleep(poll_interval)
+        order = [str(j) for j in job_ids] if not isinstance(job_ids, Iterator) else list(done)
+        return [done[j] for j in order]
+
+    def health(self) -> dict[str, Any]:
+        try:
+            response = self._http.get("/health")
+        except httpx.HTTPError as exc:
+            raise ConnectionFailed(f"cannot reach gpufleet at {self.url}: {type(exc).__name__}") from None
+        return response.json()

@@ -1,0 +1,200 @@
+"""Submitting, reading and cancelling jobs on behalf of a tenant.
+
+A job is committed before its dispatch message is published (callers do the publish
+after commit). Idempotency keys make resubmission return the same job; reusing a key
+for a different request is a conflict, as with Stripe's API.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, insert, select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from orchestrator.clock import as_utc, utcnow
+from orchestrator.db.models import Batch, Job, JobEvent
+from orchestrator.domain import BatchOut, JobEventOut, JobOut, JobStatus
+from orchestrator.errors import Conflict, GpufleetError, NotFound
+from orchestrator.scheduling.queues import queue_for
+from orchestrator.services.transitions import transition
+from orchestrator.settings import Settings
+
+
+def request_hash(req: Any) -> str:
+    body = req.model_dump(mode="json", exclude={"idempotency_key"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime, batch_id: uuid.UUID | None) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "tenant_id": tenant_id,
+        "kind": req.kind,
+        "priority": req.priority,
+        "queue": queue_for(req.kind, req.priority),
+        "status": JobStatus.queued.value,
+        "spec": req.spec.model_dump(mode="json", exclude_none=True),
+        "requirements": req.requirements.model_dump(mode="json", exclude_none=True),
+        "labels": req.labels,
+        "attempt": 1,
+        "max_attempts": req.max_attempts or settings.default_max_attempts,
+        "timeout_seconds": req.timeout_seconds or settings.default_timeout_seconds,
+        "idempotency_key": req.idempotency_key,
+        "request_hash": request_hash(req),
+        "batch_id": batch_id,
+        "excluded_offers": [],
+        "cost": 0.0,
+        # If the dispatch message never arrives, the sweeper re-publishes after this.
+        "next_check_at": now + timedelta(seconds=settings.sweep_grace_seconds),
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _event(row: dict[str, Any], now: datetime, actor: str) -> dict[str, Any]:
+    return {"job_id": row["id"], "at": now, "from_status": None, "to_status": "queued", "attempt": 1,
+            "actor": actor, "reason": f"submitted to queue {row['queue']}", "data": None}
+
+
+def _existing(session: Session, tenant_id: uuid.UUID, keys: list[str]) -> dict[str, Job]:
+    if not keys:
+        return {}
+    rows = session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key.in_(keys)))
+    return {job.idempotency_key: job for job in rows if job.idempotency_key}
+
+
+def _same_request(job: Job, req: Any) -> Job:
+    if job.request_hash != request_hash(req):
+        raise Conflict(f"idempotency_key {req.idempotency_key!r} was already used for a different request (job {job.id})")
+    return job
+
+
+def submit(session: Session, tenant_id: uuid.UUID, req: Any, settings: Settings, actor: str = "api") -> tuple[Job, bool]:
+    """Insert one job; returns (job, created). An existing idempotency key returns the original job."""
+    if req.idempotency_key:
+        found = _existing(session, tenant_id, [req.idempotency_key]).get(req.idempotency_key)
+        if found:
+            return _same_request(found, req), False
+    now = utcnow()
+    row = _row(tenant_id, req, settings, now, None)
+    try:
+        with session.begin_nested():
+            session.execute(insert(Job), [row])
+            session.execute(insert(JobEvent), [_event(row, now, actor)])
+    except IntegrityError:
+        # A concurrent submit with the same key won the race: return its job.
+        found = _existing(session, tenant_id, [req.idempotency_key]).get(req.idempotency_key) if req.idempotency_key else None
+        if found is None:
+            raise
+        return _same_request(found, req), False
+    return session.get_one(Job, row["id"]), True
+
+
+def submit_batch(session: Session, tenant_id: uuid.UUID, reqs: list[Any], settings: Settings,
+                 actor: str = "api") -> tuple[uuid.UUID, list[dict[str, Any]], list[Job]]:
+    """Insert a batch in one transaction; returns (batch id, new rows, jobs that already existed)."""
+    if len(reqs) > settings.max_batch_size:
+        raise GpufleetError(f"a batch holds at most {settings.max_batch_size} jobs, got {len(reqs)}")
+    keys = [r.idempotency_key for r in reqs if r.idempotency_key]
+    if len(keys) != len(set(keys)):
+        raise Conflict("idempotency_key values must be unique within a batch")
+    existing = _existing(session, tenant_id, keys)
+    now = utcnow()
+    batch_id = uuid.uuid4()
+    session.execute(insert(Batch), [{"id": batch_id, "tenant_id": tenant_id, "size": len(reqs), "created_at": now}])
+    rows, reused = [], []
+    for req in reqs:
+        if req.idempotency_key in existing:
+            reused.append(_same_request(existing[req.idempotency_key], req))
+        else:
+            rows.append(_row(tenant_id, req, settings, now, batch_id))
+    if rows:
+        session.execute(insert(Job), rows)
+        session.execute(insert(JobEvent), [_event(r, now, actor) for r in rows])
+    return batch_id, rows, reused
+
+
+def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def events_for(session: Session, job_id: uuid.UUID) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+
+def to_out(job: Job, events: list[JobEvent] | None = None) -> JobOut:
+    out = JobOut.model_validate(job, from_attributes=True)
+    for field in ("created_at", "started_at", "finished_at"):
+        setattr(out, field, as_utc(getattr(out, field)))
+    if events is not None:
+        out.events = [JobEventOut.model_validate(e, from_attributes=True) for e in events]
+        for e in out.events:
+            e.at = as_utc(e.at)  # type: ignore[assignment]
+    return out
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{as_utc(job.created_at).isoformat()}|{job.id}"  # type: ignore[union-attr]
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        at, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(at), uuid.UUID(job_id)
+    except (ValueError, UnicodeDecodeError):
+        raise GpufleetError("cursor is not valid: pass the next_cursor of a previous page") from None
+
+
+def list_jobs(session: Session, tenant_id: uuid.UUID, *, status: str | None = None, kind: str | None = None,
+              batch_id: uuid.UUID | None = None, ids: list[uuid.UUID] | None = None, limit: int = 50,
+              cursor: str | None = None) -> tuple[list[Job], str | None]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if batch_id:
+        query = query.where(Job.batch_id == batch_id)
+    if ids:
+        query = query.where(Job.id.in_(ids))
+    if cursor:
+        at, last_id = _decode_cursor(cursor)
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(at, last_id))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def batch_summary(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> BatchOut:
+    batch = session.get(Batch, batch_id)
+    if batch is None or batch.tenant_id != tenant_id:
+        raise NotFound(f"batch {batch_id} not found")
+    counts = dict(session.execute(
+        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)).all())
+    return BatchOut(id=batch.id, size=batch.size, created_at=as_utc(batch.created_at), counts=counts)  # type: ignore[arg-type]
+
+
+def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, actor: str = "api") -> tuple[Job, bool]:
+    """Cancel a job that has not finished; returns (job, needs_release) — True if capacity was rented."""
+    for _ in range(5):
+        job = get_job(session, tenant_id, job_id)
+        status = JobStatus(job.status)
+        if status.terminal:
+            raise Conflict(f"job {job_id} already {status.value}")
+        if transition(session, job_id, expected=status, attempt=job.attempt, to=JobStatus.cancelled,
+                      actor=actor, reason="cancelled by the caller"):
+            session.refresh(job)
+            return job, job.run_handle is not None and job.released_at is None
+        session.expire(job)  # it moved under us: look again
+    raise Conflict(f"job {job_id} is changing too fast to cancel; try again")

@@ -1,0 +1,302 @@
+"""The work a job goes through after submission, one short step per Celery task.
+
+dispatch  queued → placing: choose an offer, hand over to the provider's queue.
+execute   placing → running: reserve capacity, start the run, poll once.
+poll      running → succeeded | failed | queued (failover): re-scheduled until done.
+release   give capacity back and settle its cost; idempotent, re-driven by the sweeper.
+
+Slow provider calls happen outside transactions; every state change is a guarded
+update, so a duplicated or late message changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+
+from orchestrator.clock import as_utc, utcnow
+from orchestrator.db.engine import session_scope
+from orchestrator.db.models import Job
+from orchestrator.domain import JobStatus
+from orchestrator.errors import NoPlacement
+from orchestrator.scheduling.placement import offer_key, place
+from orchestrator.scheduling.queues import provider_queue
+from orchestrator.services import messaging
+from orchestrator.services.transitions import transition
+from orchestrator.settings import Settings, get_settings
+from providers.base import (
+    JobSpec,
+    Lease,
+    NoCapacity,
+    NotYetReleased,
+    Offer,
+    PermanentProviderError,
+    Provider,
+    ProviderError,
+    Requirements,
+    RunHandle,
+    RunStatus,
+    TransientProviderError,
+)
+from providers.registry import get_providers
+
+log = logging.getLogger(__name__)
+
+FIRST_POLL_DELAY = 0.25
+MAX_POLL_DELAY = 5.0
+S = JobStatus
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The fields a step needs, read in one short transaction."""
+
+    id: uuid.UUID
+    status: JobStatus
+    attempt: int
+    max_attempts: int
+    kind: str
+    spec: dict[str, Any]
+    requirements: dict[str, Any]
+    timeout_seconds: int
+    provider: str | None
+    placement: dict[str, Any] | None
+    excluded_offers: list[str]
+    run_handle: dict[str, Any] | None
+    released_at: Any
+    started_at: Any
+
+
+def snapshot(job_id: uuid.UUID) -> Snapshot | None:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            return None
+        return Snapshot(job.id, JobStatus(job.status), job.attempt, job.max_attempts, job.kind, job.spec,
+                        job.requirements, job.timeout_seconds, job.provider, job.placement,
+                        list(job.excluded_offers or []), job.run_handle, job.released_at, as_utc(job.started_at))
+
+
+def _grace(settings: Settings, extra: float = 0.0) -> Any:
+    return utcnow() + timedelta(seconds=settings.sweep_grace_seconds + extra)
+
+
+def _job_spec(job: Snapshot) -> JobSpec:
+    return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt, spec=job.spec,  # type: ignore[arg-type]
+                   timeout_seconds=job.timeout_seconds, env={"GPUFLEET_JOB_ID": str(job.id)})
+
+
+# --- dispatch -----------------------------------------------------------------------------
+
+
+def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher") -> None:
+    settings = get_settings()
+    with session_scope() as s:
+        claimed = transition(s, job_id, expected=S.queued, attempt=attempt, to=S.placing, actor=actor,
+                             reason="placing", values={"next_check_at": _grace(settings)})
+    if not claimed:
+        return
+    job = snapshot(job_id)
+    assert job is not None
+    try:
+        placement = place(get_providers(), job.kind, job.spec, Requirements(**job.requirements),
+                          job.timeout_seconds, set(job.excluded_offers))
+    except NoPlacement as exc:
+        history = f" after trying {', '.join(job.excluded_offers)}" if job.excluded_offers else ""
+        with session_scope() as s:
+            transition(s, job_id, expected=S.placing, attempt=attempt, to=S.failed, actor=actor,
+                       reason=f"{exc}{history}", values={"error": f"{exc}{history}", "next_check_at": None})
+        return
+    with session_scope() as s:
+        moved = s.execute(
+            update(Job).where(Job.id == job_id, Job.status == S.placing.value, Job.attempt == attempt)
+            .values(provider=placement.provider, offer_id=placement.offer.offer_id,
+                    price_per_hour=placement.offer.price_per_hour, updated_at=utcnow(),
+                    placement=placement.model_dump(mode="json"), next_check_at=_grace(settings))
+        ).rowcount
+        if moved:
+            from orchestrator.db.models import JobEvent
+
+            s.add(JobEvent(job_id=job_id, at=utcnow(), from_status="placing", to_status="placing", attempt=attempt,
+                           actor=actor, reason=f"placed: {placement.rationale}",
+                           data={"provider": placement.provider, "offer": placement.offer.offer_id,
+                                 "estimated_cost": placement.estimated_cost}))
+    if moved:
+        messaging.send(messaging.EXECUTE, [str(job_id), attempt], provider_queue(placement.provider))
+
+
+# --- execute ------------------------------------------------------------------------------
+
+
+def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
+    settings = get_settings()
+    job = snapshot(job_id)
+    if job is None or job.status != S.placing or job.attempt != attempt or not job.placement:
+        return
+    provider = get_providers().get(job.provider or "")
+    offer = Offer(**job.placement["offer"])
+    with session_scope() as s:
+        claimed = transition(s, job_id, expected=S.placing, attempt=attempt, to=S.running, actor=actor,
+                             reason=f"starting on {offer_key(offer)}",
+                             values={"started_at": utcnow(), "released_at": None, "run_handle": None,
+                                     "next_check_at": _grace(settings, 60)})
+    if not claimed:
+        return
+    if provider is None:
+        _fail(job, f"provider {job.provider!r} is no longer configured", actor, transient=True)
+        return
+    spec = _job_spec(job)
+    try:
+        lease = provider.reserve(offer, spec)
+    except ProviderError as exc:
+        _fail(job, f"reserve on {offer_key(offer)} failed: {exc}", actor,
+              transient=not isinstance(exc, PermanentProviderError))
+        return
+    try:
+        handle = provider.start(lease, spec)
+    except ProviderError as exc:
+        _release_quietly(provider, lease, None)
+        _fail(job, f"start on {offer_key(offer)} failed: {exc}", actor,
+              transient=not isinstance(exc, PermanentProviderError))
+        return
+    with session_scope() as s:
+        stored = s.execute(
+            update(Job).where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
+            .values(run_handle=handle.model_dump(mode="json"), updated_at=utcnow(),
+                    next_check_at=_grace(settings, FIRST_POLL_DELAY))
+        ).rowcount
+    if not stored:  # cancelled while we were starting: give the capacity straight back
+        _release_quietly(provider, lease, handle)
+        release(job_id)
+        return
+    poll(job_id, attempt, delay=FIRST_POLL_DELAY, actor=actor)
+
+
+# --- poll ---------------------------------------------------------------------------------
+
+
+def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor: str = "poller") -> None:
+    settings = get_settings()
+    job = snapshot(job_id)
+    if job is None or job.attempt != attempt or job.run_handle is None:
+        return
+    if job.status != S.running:
+        if job.status.terminal and job.released_at is None:
+            release(job_id)
+        return
+    provider = get_providers().get(job.provider or "")
+    handle = RunHandle(**job.run_handle)
+    if provider is None:
+        _fail(job, f"provider {job.provider!r} is no longer configured", actor, transient=True)
+        return
+    try:
+        status = provider.poll(handle)
+    except TransientProviderError as exc:
+        log.warning("poll of job %s failed transiently: %s", job_id, exc)
+        status = RunStatus(state="running")
+    except ProviderError as exc:
+        status = RunStatus(state="failed", error=str(exc), transient=not isinstance(exc, PermanentProviderError))
+    if status.state == "running" and job.started_at and time.time() - job.started_at.timestamp() > job.timeout_seconds:
+        status = RunStatus(state="failed", error=f"exceeded its time limit of {job.timeout_seconds}s")
+    if status.state == "running":
+        with session_scope() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
+                      .values(next_check_at=_grace(settings, delay)))
+        messaging.send(messaging.POLL, [str(job_id), attempt, min(delay * 2, MAX_POLL_DELAY)],
+                       provider_queue(provider.name), countdown=delay)
+        return
+    _finish(job, provider, handle, status, actor)
+
+
+def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunStatus, actor: str) -> None:
+    released = _release_quietly(provider, handle.lease, handle)
+    # Usage is billed now; rented time is billed when the capacity is actually given back.
+    cost = (status.cost or 0.0) + (_rented_cost(handle.lease) if released else 0.0)
+    duration = round(time.time() - handle.started_at, 3)
+    done = {"result": status.result, "duration_seconds": duration, "next_check_at": None,
+            "cost": Job.cost + cost, "released_at": utcnow() if released else None}
+    if status.state == "succeeded":
+        with session_scope() as s:
+            transition(s, job.id, expected=S.running, attempt=job.attempt, to=S.succeeded, actor=actor,
+                       reason=f"finished on {offer_key(_offer_of(handle))} in {duration:.2f}s, cost ${cost:.6f}",
+                       values={**done, "error": None})
+        return
+    _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
+
+
+def _offer_of(handle: RunHandle) -> Offer:
+    return Offer(provider=handle.provider, offer_id=handle.lease.offer_id)
+
+
+def _rented_cost(lease: Lease) -> float:
+    return round(lease.price_per_hour * max(0.0, time.time() - lease.reserved_at) / 3600, 8)
+
+
+def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None) -> None:
+    """Fail over to another offer if the failure was the capacity's and attempts remain; else fail the job."""
+    settings = get_settings()
+    values = dict(values or {})
+    values.setdefault("next_check_at", None)
+    excluded = [*job.excluded_offers]
+    if job.placement:
+        excluded.append(offer_key(Offer(**job.placement["offer"])))
+    with session_scope() as s:
+        current = s.get(Job, job.id)
+        assert current is not None
+        status = JobStatus(current.status)
+        if status not in (S.running, S.placing) or current.attempt != job.attempt:
+            return
+        if transient and job.attempt < job.max_attempts:
+            moved = transition(
+                s, job.id, expected=status, attempt=job.attempt, to=S.queued, actor=actor,
+                reason=f"{reason}; retrying elsewhere (attempt {job.attempt + 1} of {job.max_attempts})",
+                values={**values, "attempt": job.attempt + 1, "excluded_offers": excluded, "result": None,
+                        "next_check_at": _grace(settings), "error": reason},
+            )
+            queue = current.queue
+        else:
+            moved = False
+            final = reason if not transient else f"{reason}; gave up after {job.attempt} attempts"
+            transition(s, job.id, expected=status, attempt=job.attempt, to=S.failed, actor=actor, reason=final,
+                       values={**values, "error": final})
+    if moved:
+        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt + 1], queue)
+
+
+# --- release ------------------------------------------------------------------------------
+
+
+def _release_quietly(provider: Provider, lease: Lease, handle: RunHandle | None) -> bool:
+    try:
+        provider.release(lease, handle)
+        return True
+    except NotYetReleased:
+        return False
+    except ProviderError as exc:
+        log.warning("release of %s on %s failed: %s; the sweeper will retry", lease.external_id, provider.name, exc)
+        return False
+
+
+def release(job_id: uuid.UUID) -> bool:
+    """Give back the capacity of a job that no longer needs it and settle its cost. Idempotent."""
+    job = snapshot(job_id)
+    if job is None or job.run_handle is None or job.released_at is not None or job.status == S.running:
+        return True
+    provider = get_providers().get(job.provider or "")
+    if provider is None:
+        log.error("job %s holds capacity on unknown provider %r", job_id, job.provider)
+        return False
+    handle = RunHandle(**job.run_handle)
+    if not _release_quietly(provider, handle.lease, handle):
+        return False
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.released_at.is_(None), Job.attempt == job.attempt)
+                  .values(released_at=utcnow(), cost=Job.cost + _rented_cost(handle.lease),
+                          next_check_at=None))
+    return True

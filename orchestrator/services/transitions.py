@@ -1,0 +1,67 @@
+"""The job state machine. Every change of status is one guarded UPDATE plus its event.
+
+The guard (id, expected status, attempt) is what makes duplicate and late Celery
+messages harmless: the second one finds no row to update and stops.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from orchestrator.clock import utcnow
+from orchestrator.db.models import Job, JobEvent
+from orchestrator.domain import JobStatus
+from orchestrator.errors import InvalidTransition
+
+S = JobStatus
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    S.queued: frozenset({S.placing, S.cancelled, S.failed}),
+    S.placing: frozenset({S.running, S.queued, S.failed, S.cancelled}),
+    S.running: frozenset({S.succeeded, S.failed, S.cancelled, S.queued}),
+    S.succeeded: frozenset(),
+    S.failed: frozenset(),
+    S.cancelled: frozenset(),
+}
+
+
+def check_allowed(current: JobStatus, to: JobStatus) -> None:
+    if to not in ALLOWED[current]:
+        raise InvalidTransition(f"a job cannot go from {current.value} to {to.value}")
+
+
+def transition(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    expected: JobStatus,
+    attempt: int,
+    to: JobStatus,
+    actor: str,
+    reason: str = "",
+    values: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    event_attempt: int | None = None,
+) -> bool:
+    """Move the job if it is still ``expected`` at ``attempt``. False means someone else moved it first."""
+    check_allowed(expected, to)
+    now = utcnow()
+    fields = dict(values or {})
+    if to.terminal:
+        fields.setdefault("finished_at", now)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == expected.value, Job.attempt == attempt)
+        .values(status=to.value, updated_at=now, **fields)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    session.add(
+        JobEvent(job_id=job_id, at=now, from_status=expected.value, to_status=to.value,
+                 attempt=event_attempt or fields.get("attempt", attempt), actor=actor, reason=reason, data=data)
+    )
+    return True

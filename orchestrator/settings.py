@@ -1,0 +1,176 @@
+"""One settings object for every process (API, workers, beat, CLI, migrations).
+
+Everything is read from ``GPUFLEET_*`` environment variables (or a ``.env`` file).
+With nothing set, gpufleet runs embedded: a SQLite file and a filesystem broker in
+``data_dir``, so ``gpufleet demo`` needs no services. Two variables —
+``GPUFLEET_DATABASE_URL`` and ``GPUFLEET_BROKER_URL`` — switch to Postgres and Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchestrator.errors import ConfigError
+
+QUEUE_NAMES = ("high_priority", "inference", "default", "training", "distillation", "low_priority")
+CONTROL_QUEUE = "control"
+
+DEFAULT_CONCURRENCY: dict[str, int] = {
+    "high_priority": 2,
+    "inference": 4,
+    "default": 4,
+    "training": 2,
+    "distillation": 2,
+    "low_priority": 2,
+    "control": 1,
+}
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "gpufleet"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GPUFLEET_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str = ""
+    broker_url: str = ""
+    result_url: str = ""
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str = ""
+
+    # "tenant:key" pairs created at start-up so a fresh stack is usable without a CLI step.
+    bootstrap_api_keys: list[str] = Field(default_factory=list)
+
+    queue_concurrency: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_CONCURRENCY))
+
+    providers_file: Path | None = None
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    # One visibility timeout for broker and results: a message unacked for longer is redelivered.
+    visibility_timeout: int = Field(default=3600, ge=60)
+    # A non-terminal job whose next check is this overdue is re-published by the sweeper.
+    sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    sweep_grace_seconds: float = Field(default=30.0, ge=0)
+
+    max_payload_bytes: int = Field(default=1_048_576, ge=1024)
+    max_batch_size: int = Field(default=10_000, ge=1)
+    default_max_attempts: int = Field(default=3, ge=1, le=20)
+    default_timeout_seconds: int = Field(default=3600, ge=1)
+
+    flower_basic_auth: str = ""
+    log_level: str = "INFO"
+
+    @field_validator("bootstrap_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("bootstrap_api_keys")
+    @classmethod
+    def _check_keys(cls, value: list[str]) -> list[str]:
+        for item in value:
+            tenant, _, key = item.partition(":")
+            if not tenant or len(key) < 16:
+                raise ValueError("each entry must be 'tenant:key' with a key of at least 16 characters")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must start with sqlite:// or postgresql+psycopg://")
+        if value.startswith("postgresql://") or value.startswith("postgres://"):
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        allowed = ("redis://", "rediss://", "amqp://", "pyamqp://", "filesystem://", "memory://")
+        if value and not value.startswith(allowed):
+            raise ValueError("must be a redis://, amqp:// or filesystem:// URL")
+        return value
+
+    @field_validator("queue_concurrency")
+    @classmethod
+    def _check_concurrency(cls, value: dict[str, int]) -> dict[str, int]:
+        merged = dict(DEFAULT_CONCURRENCY)
+        for queue, n in value.items():
+            if n < 1:
+                raise ValueError(f"concurrency for {queue!r} must be at least 1")
+            merged[queue] = n
+        return merged
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'gpufleet.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when running without external services (SQLite + filesystem broker)."""
+        return self.database_url.startswith("sqlite") and self.broker_url.startswith(("filesystem", "memory"))
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    def provider_configs(self) -> dict[str, dict[str, Any]]:
+        """Provider configs from the file, overlaid by ``GPUFLEET_PROVIDERS__<NAME>__<KEY>`` env values."""
+        configs: dict[str, dict[str, Any]] = {}
+        if self.providers_file:
+            configs = _load_providers_file(self.providers_file)
+        for name, overrides in self.providers.items():
+            configs.setdefault(name, {}).update(overrides)
+        return configs
+
+
+def _load_providers_file(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"GPUFLEET_PROVIDERS_FILE: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"GPUFLEET_PROVIDERS_FILE: {path} is not valid: {exc}".splitlines()[0]) from None
+    data = data or {}
+    providers = data.get("providers", data)
+    if not isinstance(providers, dict) or not all(isinstance(v, dict) for v in providers.values()):
+        raise ConfigError(f"GPUFLEET_PROVIDERS_FILE: {path} must map provider names to tables")
+    return providers
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning a validation error into one line that names the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]).upper() if err["loc"] else "SETTINGS"
+        raise ConfigError(f"GPUFLEET_{field}: {err['msg']}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

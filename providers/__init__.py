@@ -1,0 +1,1 @@
+"""Provider adapters: one folder each, all behind ``providers.base.Provider``."""

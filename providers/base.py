@@ -1,0 +1,170 @@
+"""The one interface every capacity source implements, and the values that cross it.
+
+Values here are pydantic models because leases and run handles are stored in the job
+row between short Celery tasks: a provider worker that restarts must be able to pick
+up a run from its JSON alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobKindName = Literal["inference", "transcription", "training", "distillation", "command"]
+
+
+class ProviderKind(str, enum.Enum):
+    marketplace = "marketplace"
+    serverless = "serverless"
+    cloud_pool = "cloud_pool"
+    self_hosted = "self_hosted"
+    model_api = "model_api"
+    local = "local"
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class ProviderError(Exception):
+    """Base of the provider error tree. Messages must never contain credentials."""
+
+
+class NoCapacity(ProviderError):
+    """The offer is gone or full: try the next offer."""
+
+
+class TransientProviderError(ProviderError):
+    """A failure worth retrying elsewhere or later (network, provider hiccup, crashed host)."""
+
+
+class PermanentProviderError(ProviderError):
+    """The job cannot run as asked (bad image, rejected request): fail it and say why."""
+
+
+class NotYetReleased(ProviderError):
+    """Release started but is not finished: call release again later."""
+
+
+# --- values -----------------------------------------------------------------------------
+
+
+class Requirements(BaseModel):
+    """What a job needs from capacity; providers turn it into a search, placement filters on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu: list[str] | None = Field(default=None, description="Acceptable GPU models, e.g. ['A100', 'H100'].")
+    gpu_count: int = Field(default=0, ge=0, le=64, description="0 means no GPU is needed.")
+    min_gpu_memory_gb: float | None = Field(default=None, gt=0)
+    max_price_per_hour: float | None = Field(default=None, gt=0)
+    regions: list[str] | None = None
+    providers: list[str] | None = Field(default=None, description="Only these providers.")
+
+    def needs_gpu(self) -> bool:
+        return self.gpu_count > 0 or bool(self.gpu) or self.min_gpu_memory_gb is not None
+
+
+class Offer(BaseModel):
+    provider: str
+    offer_id: str
+    gpu: str | None = None
+    gpu_count: int = 0
+    gpu_memory_gb: float = 0
+    region: str = "local"
+    price_per_hour: float = 0.0
+    price_per_1k_tokens: float | None = None
+    capacity: int = 1
+    reliability: float = 1.0
+    kinds: list[str] = Field(default_factory=list)
+
+
+class JobSpec(BaseModel):
+    """What a provider needs to run a job: no tenant data beyond the job itself."""
+
+    job_id: str
+    kind: JobKindName
+    attempt: int
+    spec: dict[str, Any]
+    timeout_seconds: int
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class Lease(BaseModel):
+    provider: str
+    offer_id: str
+    external_id: str
+    label: str
+    price_per_hour: float
+    reserved_at: float
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunHandle(BaseModel):
+    provider: str
+    lease: Lease
+    started_at: float
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+RunState = Literal["running", "succeeded", "failed"]
+
+
+class RunStatus(BaseModel):
+    state: RunState
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    # A failure of the capacity rather than of the job: worth failing over.
+    transient: bool = False
+    # Usage-priced work (model APIs) reports its own cost; rented time is priced by the caller.
+    cost: float | None = None
+
+
+class ExternalResource(BaseModel):
+    provider: str
+    external_id: str
+    label: str
+    created_at: float | None = None
+
+
+class Health(BaseModel):
+    ok: bool
+    detail: str = ""
+
+
+class Provider:
+    """Base class for adapters. Methods must return quickly: waiting is the caller's job.
+
+    ``reserve`` may return a lease whose capacity is still booting; ``poll`` reports
+    progress without blocking; ``release`` is idempotent and raises ``NotYetReleased``
+    to be called again.
+    """
+
+    kind: ClassVar[ProviderKind]
+
+    def __init__(self, name: str, config: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.config = config or {}
+
+    def offers(self, req: Requirements, kind: str, spec: dict[str, Any]) -> list[Offer]:
+        """Offers that could run this job; placement filters and ranks them."""
+        raise NotImplementedError
+
+    def reserve(self, offer: Offer, job: JobSpec) -> Lease:
+        raise NotImplementedError
+
+    def start(self, lease: Lease, job: JobSpec) -> RunHandle:
+        raise NotImplementedError
+
+    def poll(self, handle: RunHandle) -> RunStatus:
+        raise NotImplementedError
+
+    def release(self, lease: Lease, handle: RunHandle | None = None) -> None:
+        raise NotImplementedError
+
+    def owned(self) -> list[ExternalResource]:
+        return []
+
+    def health(self) -> Health:
+        return Health(ok=True)

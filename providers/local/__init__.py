@@ -1,0 +1,3 @@
+from providers.local.provider import LocalProvider
+
+__all__ = ["LocalProvider"]

@@ -1,0 +1,114 @@
+"""Detached subprocesses that outlive the worker that started them.
+
+A provider worker may be killed mid-job; the command must keep running and its exit
+code must still be readable by whichever worker polls next. So the command runs in
+its own session under a tiny shell wrapper that writes the exit code to a file, and
+everything a poller needs (pid, paths, deadline) lives in the run handle.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+# Writes the exit code atomically so a poller never reads a half-written file.
+_WRAPPER = '"$@"; code=$?; printf %s "$code" > "$GPUFLEET_EXIT_FILE.tmp" && mv "$GPUFLEET_EXIT_FILE.tmp" "$GPUFLEET_EXIT_FILE"'
+TAIL_BYTES = 4096
+
+
+def argv_for(command: list[str] | str) -> list[str]:
+    return ["sh", "-c", command] if isinstance(command, str) else list(command)
+
+
+def spawn(run_dir: Path, command: list[str] | str, env: dict[str, str], cwd: str | None = None) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    exit_file = run_dir / "exit_code"
+    for stale in (exit_file, run_dir / "stdout.log", run_dir / "stderr.log"):
+        stale.unlink(missing_ok=True)
+    full_env = {**os.environ, **env, "GPUFLEET_EXIT_FILE": str(exit_file)}
+    with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(
+            ["sh", "-c", _WRAPPER, "gpufleet-run", *argv_for(command)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return {"pid": proc.pid, "run_dir": str(run_dir), "command": shlex.join(argv_for(command))}
+
+
+def exit_code(info: dict[str, Any]) -> int | None:
+    try:
+        return int((Path(info["run_dir"]) / "exit_code").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def alive(info: dict[str, Any]) -> bool:
+    pid = int(info["pid"])
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap if it is our own child
+        if finished == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill(info: dict[str, Any], grace_seconds: float = 2.0) -> None:
+    """Stop the whole process group: TERM, then KILL after a grace period. Idempotent."""
+    pid = int(info["pid"])
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not alive(info):
+                return
+            time.sleep(0.05)
+
+
+def tail(info: dict[str, Any], name: str) -> str:
+    path = Path(info["run_dir"]) / name
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - TAIL_BYTES))
+            return fh.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def status(info: dict[str, Any], deadline: float) -> tuple[str, dict[str, Any] | None, str | None]:
+    """(state, result, error) of a spawned command; kills it once past its deadline."""
+    code = exit_code(info)
+    if code is None:
+        if alive(info):
+            if time.time() > deadline:
+                kill(info)
+                return "failed", None, "exceeded its time limit and was stopped"
+            return "running", None, None
+        code = exit_code(info)  # it may have finished between the two checks
+        if code is None:
+            return "failed", None, "the process vanished without an exit code (killed outside gpufleet?)"
+    result = {"exit_code": code, "stdout": tail(info, "stdout.log"), "stderr": tail(info, "stderr.log")}
+    if code == 0:
+        return "succeeded", result, None
+    last_line = next((line for line in reversed(result["stderr"].splitlines()) if line.strip()), "")
+    return "failed", result, f"exit code {code}" + (f": {last_line[:300]}" if last_line else "")

@@ -1,0 +1,56 @@
+"""Builds the configured providers. Adapters are imported only when configured: several
+provider SDKs are slow to import or reconfigure logging as a side effect."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from orchestrator.errors import ConfigError
+from orchestrator.settings import Settings
+from providers.base import Provider
+
+# type name -> "module:Class"; a provider entry picks its adapter with `type`, else by its name.
+ADAPTERS: dict[str, str] = {
+    "local": "providers.local:LocalProvider",
+    "sandbox": "providers.sandbox:SandboxProvider",
+}
+
+
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    configs = settings.provider_configs()
+    if not configs:
+        configs = {"local": {}, "sandbox": {}}
+    providers: dict[str, Provider] = {}
+    for name, raw in configs.items():
+        config: dict[str, Any] = dict(raw)
+        if config.pop("enabled", True) in (False, "false", "0"):
+            continue
+        adapter = str(config.pop("type", name))
+        if adapter not in ADAPTERS:
+            raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} has unknown type {adapter!r} "
+                              f"(known: {', '.join(sorted(ADAPTERS))})")
+        config.setdefault("runs_dir", str(settings.data_dir / "runs"))
+        config.setdefault("state_dir", str(settings.data_dir / "providers"))
+        module_name, class_name = ADAPTERS[adapter].split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        try:
+            providers[name] = cls(name, config)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} config is invalid: {exc}".splitlines()[0]) from None
+    return providers
+
+
+_cache: dict[str, dict[str, Provider]] = {}
+
+
+def get_providers(settings: Settings | None = None) -> dict[str, Provider]:
+    """Providers for this process, built once per settings object."""
+    from orchestrator.settings import get_settings
+
+    settings = settings or get_settings()
+    key = f"{id(settings)}"
+    if key not in _cache:
+        _cache.clear()
+        _cache[key] = build_providers(settings)
+    return _cache[key]

@@ -1,0 +1,34 @@
+"""Thin Celery tasks: parse arguments, call the pipeline service, nothing else."""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import shared_task
+
+from orchestrator.services import messaging, pipeline, sweeper
+
+
+@shared_task(name=messaging.DISPATCH)
+def dispatch(job_id: str, attempt: int) -> None:
+    pipeline.dispatch(uuid.UUID(job_id), attempt)
+
+
+@shared_task(name=messaging.EXECUTE)
+def execute(job_id: str, attempt: int) -> None:
+    pipeline.execute(uuid.UUID(job_id), attempt)
+
+
+@shared_task(name=messaging.POLL)
+def poll(job_id: str, attempt: int, delay: float = pipeline.FIRST_POLL_DELAY) -> None:
+    pipeline.poll(uuid.UUID(job_id), attempt, delay)
+
+
+@shared_task(name=messaging.RELEASE)
+def release(job_id: str) -> None:
+    pipeline.release(uuid.UUID(job_id))
+
+
+@shared_task(name=messaging.SWEEP)
+def sweep() -> dict[str, int]:
+    return dict(sweeper.sweep())
