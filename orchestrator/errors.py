@@ -25,3 +25,7 @@ class InvalidTransition(GpufleetError):
 
 class NoPlacement(GpufleetError):
     """No offer meets the job's constraints; the message lists why each was rejected."""
+
+
+class CapacityBusy(NoPlacement):
+    """Offers fit the job but all are full right now: wait and place again, don't fail."""

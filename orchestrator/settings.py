@@ -12,11 +12,12 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from orchestrator.errors import ConfigError
 
@@ -54,7 +55,7 @@ class Settings(BaseSettings):
     api_key: str = ""
 
     # "tenant:key" pairs created at start-up so a fresh stack is usable without a CLI step.
-    bootstrap_api_keys: list[str] = Field(default_factory=list)
+    bootstrap_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     queue_concurrency: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_CONCURRENCY))
 
@@ -165,10 +166,13 @@ def load_settings(**overrides: Any) -> Settings:
     """Build settings, turning a validation error into one line that names the variable."""
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        field = str(exc).split('field "', 1)[-1].split('"', 1)[0].upper()
+        raise ConfigError(f"GPUFLEET_{field}: cannot parse the value (expected JSON for structured settings)") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]).upper() if err["loc"] else "SETTINGS"
-        raise ConfigError(f"GPUFLEET_{field}: {err['msg']}") from None
+        raise ConfigError(f"GPUFLEET_{field}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 @lru_cache(maxsize=1)

@@ -12,11 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from orchestrator.errors import NoPlacement
+from orchestrator.errors import CapacityBusy, NoPlacement
 from providers.base import Offer, Provider, ProviderError, Requirements
 
 # Rough run lengths used only to compare per-hour and per-token prices fairly.
 _ESTIMATED_SECONDS = {"inference": 30, "transcription": 120, "training": 3600, "distillation": 600, "command": 60}
+
+
+NO_FREE_CAPACITY = "no free capacity"
 
 
 class Placement(BaseModel):
@@ -62,7 +65,7 @@ def rejection(offer: Offer, req: Requirements, kind: str, excluded: set[str]) ->
     if req.regions and offer.region not in req.regions:
         return f"region {offer.region} not in {req.regions}"
     if offer.capacity <= 0:
-        return "no free capacity"
+        return NO_FREE_CAPACITY
     return None
 
 
@@ -98,6 +101,8 @@ def place(
             fits.append((estimate_cost(offer, kind, spec, timeout_seconds), -offer.reliability, offer))
     if not fits:
         detail = "; ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "no provider offers this kind of job"
+        if any(reason == NO_FREE_CAPACITY for reason in rejected.values()):
+            raise CapacityBusy(f"every fitting offer is full ({detail})")
         raise NoPlacement(f"no offer meets the job's constraints ({detail})")
     fits.sort(key=lambda item: (item[0], item[1], offer_key(item[2])))
     cost, _, best = fits[0]

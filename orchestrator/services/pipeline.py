@@ -24,7 +24,7 @@ from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.engine import session_scope
 from orchestrator.db.models import Job
 from orchestrator.domain import JobStatus
-from orchestrator.errors import NoPlacement
+from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import offer_key, place
 from orchestrator.scheduling.queues import provider_queue
 from orchestrator.services import messaging
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FIRST_POLL_DELAY = 0.25
 MAX_POLL_DELAY = 5.0
+CAPACITY_RETRY_SECONDS = 2.0
 S = JobStatus
 
 
@@ -107,6 +108,9 @@ def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher") -> None
     try:
         placement = place(get_providers(), job.kind, job.spec, Requirements(**job.requirements),
                           job.timeout_seconds, set(job.excluded_offers))
+    except CapacityBusy as exc:
+        _wait_for_capacity(job, str(exc), actor)
+        return
     except NoPlacement as exc:
         history = f" after trying {', '.join(job.excluded_offers)}" if job.excluded_offers else ""
         with session_scope() as s:
@@ -129,6 +133,25 @@ def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher") -> None
                                  "estimated_cost": placement.estimated_cost}))
     if moved:
         messaging.send(messaging.EXECUTE, [str(job_id), attempt], provider_queue(placement.provider))
+
+
+def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
+    """Everything that fits is busy: re-queue the same attempt and try again shortly, until the job's timeout."""
+    settings = get_settings()
+    with session_scope() as s:
+        created = as_utc(s.get_one(Job, job.id).created_at)
+        expired = created is not None and (utcnow() - created).total_seconds() > job.timeout_seconds
+        if expired:
+            transition(s, job.id, expected=S.placing, attempt=job.attempt, to=S.failed, actor=actor,
+                       reason=f"gave up waiting for capacity after {job.timeout_seconds}s: {reason}",
+                       values={"error": f"no capacity within {job.timeout_seconds}s: {reason}", "next_check_at": None})
+            return
+        moved = transition(s, job.id, expected=S.placing, attempt=job.attempt, to=S.queued, actor=actor,
+                           reason=f"waiting for capacity: {reason}",
+                           values={"next_check_at": _grace(settings, CAPACITY_RETRY_SECONDS)})
+        queue = s.get_one(Job, job.id).queue
+    if moved:
+        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt], queue, countdown=CAPACITY_RETRY_SECONDS)
 
 
 # --- execute ------------------------------------------------------------------------------

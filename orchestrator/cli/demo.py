@@ -1,0 +1,90 @@
+"""`gpufleet demo`: a realistic mix of jobs through SDK → API → queues → workers → providers.
+
+Runs entirely on this machine: SQLite, the filesystem broker, the local provider and the
+sandbox marketplace. One training job is deliberately sent to a flaky H100 offer so the
+failover to the next offer shows up in its event history.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from orchestrator.cli.render import console, jobs_table, money
+
+TRAIN_SCRIPT = (
+    "import time\n"
+    "for epoch in range(1, 4):\n"
+    "    time.sleep(0.2)\n"
+    "    print(f'epoch {epoch} loss {1.0 / epoch:.3f}', flush=True)\n"
+)
+
+
+def _mix(client: object) -> list[dict[str, object]]:
+    body = client.job_body  # type: ignore[attr-defined]
+    prompts = ["Explain spot instances in one line.", "What is a teacher model?", "Summarise: GPUs are scarce.",
+               "Name a cheap GPU for inference.", "Why checkpoint training runs?"]
+    return [
+        body("inference", {"model": "llama-3-70b", "messages": [{"role": "user", "content": "Route me to a GPU."}]},
+             priority="high", labels={"demo": "interactive"}),
+        body("inference", {"model": "llama-3-8b", "prompt": "Say hello to the operator.", "max_tokens": 32},
+             priority="high", labels={"demo": "interactive"}),
+        *(body("transcription", {"audio_url": f"s3://demo/calls/call-{i:02d}.wav", "duration_seconds": 30 + 10 * i},
+               labels={"demo": "batch"}) for i in range(6)),
+        body("training", {"base_model": "llama-3-8b", "dataset_uri": "s3://demo/sft.jsonl", "command": ["python", "-c", TRAIN_SCRIPT]},
+             requirements={"gpu": ["A100"], "min_gpu_memory_gb": 40}, labels={"demo": "training"}),
+        body("training", {"base_model": "llama-3-70b", "dataset_uri": "s3://demo/sft.jsonl", "max_steps": 40},
+             requirements={"gpu": ["H100"]}, labels={"demo": "failover"}),
+        body("distillation", {"teacher_model": "llama-3-70b", "student_model": "llama-3-8b", "prompts": prompts},
+             requirements={"gpu": ["RTX 4090", "A100"]}, labels={"demo": "distillation"}),
+        body("command", {"command": ["python", "-c", "import platform; print('hello from', platform.node())"]},
+             priority="low", labels={"demo": "command"}),
+    ]
+
+
+def run_demo(time_scale: float = 1.0) -> None:
+    # Configuring one provider replaces the default set, so name both.
+    os.environ.setdefault("GPUFLEET_PROVIDERS__LOCAL__ENABLED", "true")
+    os.environ.setdefault("GPUFLEET_PROVIDERS__SANDBOX__TIME_SCALE", str(time_scale))
+    from orchestrator.sdk import Client
+    from orchestrator.settings import get_settings
+
+    get_settings.cache_clear()
+
+    console.print("[bold]gpufleet demo[/] — embedded stack: SQLite + filesystem broker, providers local + sandbox")
+    with Client.local() as client:
+        batch = client.submit_batch(_mix(client))
+        console.print(f"submitted {batch.created} jobs as batch {batch.batch_id} through the HTTP API at {client.url}")
+        with Progress(TextColumn("running"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("jobs", total=len(batch.job_ids))
+            jobs = client.wait_all(batch.job_ids, timeout=300,
+                                   on_progress=lambda done, total: progress.update(task, completed=done))
+        console.print(jobs_table(jobs, title="results"))
+        total = sum(j.cost for j in jobs)
+        by_status: dict[str, int] = {}
+        for job in jobs:
+            by_status[job.status.value] = by_status.get(job.status.value, 0) + 1
+        console.print(f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in sorted(by_status.items()))
+                      + f"; total cost {money(total)}")
+        failover = next((j for j in jobs if j.labels.get("demo") == "failover"), None)
+        if failover is not None:
+            failover = client.get(failover.id)
+            console.print(f"\n[bold]failover[/] — job {str(failover.id)[:8]} ({failover.kind}, H100):")
+            for event in failover.events or []:
+                console.print(f"  {event.from_status or '-':>9} → {event.to_status:<9} {event.reason}", highlight=False)
+        distill = next((j for j in jobs if j.kind == "distillation" and j.result), None)
+        if distill is not None:
+            pair = distill.result["pairs"][0]  # type: ignore[index]
+            console.print(f"\n[bold]distillation[/] — {len(distill.result['pairs'])} teacher/student pairs, "  # type: ignore[index]
+                          f"mean agreement {distill.result['mean_agreement']}; first pair:")  # type: ignore[index]
+            for role in ("prompt", "teacher", "student"):
+                text = pair[role] if len(pair[role]) < 100 else pair[role][:97] + "..."
+                console.print(f"  {role + ':':<8} {text}", highlight=False)
+    console.print("\n[bold]where to look next[/]")
+    console.print("  gpufleet jobs                      the jobs you just ran (they are kept in the local database)")
+    if failover is not None:
+        console.print(f"  gpufleet job {failover.id}   one job's full event history")
+    console.print("  gpufleet up                        API at http://127.0.0.1:8000/docs, workers and sweeper")
+    console.print("  README.md                          production setup: Postgres + Redis + docker-compose")

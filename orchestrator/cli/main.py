@@ -1,0 +1,301 @@
+"""The `gpufleet` command. Every failure a user can cause ends as one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from orchestrator.cli.render import console, err_console, job_detail, jobs_table
+from orchestrator.errors import GpufleetError
+from orchestrator.settings import get_settings
+
+app = typer.Typer(help="gpufleet: run AI jobs on the cheapest capacity that fits.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+keys_app = typer.Typer(help="Manage API keys (stored hashed; a key is shown once).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+class UsageError(GpufleetError):
+    pass
+
+
+# --- the client the job commands use ------------------------------------------------------
+
+
+def _client() -> Any:
+    """A client for the configured API; on the embedded default with no API running, start one in-process."""
+    from orchestrator.sdk import Client, ConnectionFailed
+
+    settings = get_settings()
+    key = settings.api_key
+    if not key and settings.embedded:
+        from orchestrator.bootstrap import ensure_local_key, prepare_database
+
+        prepare_database(settings)
+        key = ensure_local_key(settings)
+    client = Client(settings.api_url, key)
+    try:
+        client.health()
+        return client
+    except ConnectionFailed:
+        if not settings.embedded:
+            raise
+    client.close()
+    return Client.local()
+
+
+# --- services -----------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    time_scale: Annotated[float, typer.Option(help="Speed of emulated work: 1 is realistic, 0 instant.")] = 1.0,
+) -> None:
+    """Run a realistic mix of jobs through the whole pipeline on this machine (no services needed)."""
+    from orchestrator.cli.demo import run_demo
+
+    run_demo(time_scale)
+
+
+@app.command()
+def up(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    concurrency: Annotated[int, typer.Option(help="Worker threads (embedded) or processes.")] = 8,
+) -> None:
+    """API + workers + beat. Embedded default: one process; configured stack: a process tree."""
+    settings = get_settings()
+    if settings.embedded:
+        from orchestrator.embedded import EmbeddedStack
+
+        stack = EmbeddedStack(settings, concurrency=concurrency, port=port, host=host).start()
+        console.print(f"gpufleet is up at [bold]{stack.url}[/] (docs: {stack.url}/docs)")
+        console.print(f"API key: {stack.api_key}  — stop with Ctrl-C")
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        finally:
+            stack.stop()
+        return
+    from orchestrator.embedded import all_queues
+
+    gpufleet = [sys.executable, "-m", "orchestrator.cli"]
+    commands = [
+        [*gpufleet, "api", "--host", host, "--port", str(port)],
+        [*gpufleet, "worker", "--queues", ",".join(all_queues()), "--concurrency", str(concurrency)],
+        [*gpufleet, "beat"],
+    ]
+    procs = [subprocess.Popen(cmd) for cmd in commands]
+    console.print(f"gpufleet is up at http://{host}:{port} ({len(procs)} processes) — stop with Ctrl-C")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+@app.command()
+def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    uvicorn.run("orchestrator.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level=get_settings().log_level.lower())
+
+
+@app.command()
+def worker(
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: all).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Default: the sum of the queues' configured concurrency.")] = None,
+    pool: Annotated[str, typer.Option(help="prefork or threads")] = "threads",
+    hostname: str | None = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run a Celery worker on the given queues."""
+    from orchestrator.embedded import all_queues
+    from workers.celery_app import get_app
+
+    settings = get_settings()
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else all_queues()
+    if concurrency is None:
+        concurrency = sum(settings.queue_concurrency.get(q, 2) for q in names)
+    if pool not in ("prefork", "threads", "solo"):
+        raise UsageError(f"--pool must be prefork, threads or solo, not {pool!r}")
+    argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", pool, "-l", loglevel,
+            "--without-mingle", "--without-gossip"]
+    if hostname:
+        argv += ["-n", hostname]
+    get_app().worker_main(argv)
+
+
+@app.command()
+def beat(loglevel: str = "INFO") -> None:
+    """Run the scheduler for control tasks (the outbox sweeper)."""
+    from workers.celery_app import get_app
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    get_app().start(["beat", "-l", loglevel, "-s", str(settings.data_dir / "celerybeat-schedule")])
+
+
+@app.command()
+def flower(port: int = 5555, address: str = "0.0.0.0") -> None:
+    """Serve Flower (the live Celery dashboard), always behind basic auth."""
+    from workers.celery_app import get_app
+
+    auth = get_settings().flower_basic_auth
+    if ":" not in auth:
+        raise UsageError("GPUFLEET_FLOWER_BASIC_AUTH must be set to user:password; Flower is never served open")
+    get_app().start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={auth}"])
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (and create bootstrap API keys)."""
+    from orchestrator.bootstrap import prepare_database
+    from orchestrator.db.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    prepare_database(settings)
+    console.print("database is at the latest schema")
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(tenant: str, name: str = "") -> None:
+    """Create an API key for TENANT (created if new). The key is printed once."""
+    from orchestrator.bootstrap import prepare_database
+    from orchestrator.db.engine import session_scope
+    from orchestrator.services import keys
+
+    prepare_database(get_settings())
+    with session_scope() as s:
+        key = keys.create_key(s, tenant, name)
+    console.print(key, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(tenant: str | None = None) -> None:
+    from orchestrator.db.engine import session_scope
+    from orchestrator.services import keys
+
+    table = Table(header_style="bold")
+    for column in ("id", "tenant", "name", "prefix", "created", "revoked"):
+        table.add_column(column)
+    with session_scope() as s:
+        for k in keys.list_keys(s, tenant):
+            table.add_row(str(k.id), k.tenant, k.name, k.prefix + "…", f"{k.created_at:%Y-%m-%d %H:%M}",
+                          f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id, or its prefix as listed.")]) -> None:
+    from orchestrator.db.engine import session_scope
+    from orchestrator.services import keys
+
+    with session_scope() as s:
+        info = keys.revoke_key(s, key_id)
+    console.print(f"revoked key {info.prefix}… of tenant {info.tenant}")
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+def _parse_spec(spec: str | None, spec_file: Path | None) -> dict[str, Any]:
+    text = spec_file.read_text() if spec_file else spec
+    if not text:
+        raise UsageError("give the job spec as JSON: gpufleet submit KIND '{\"...\": ...}' or --spec-file FILE")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"spec is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise UsageError("spec must be a JSON object")
+    return value
+
+
+@app.command()
+def submit(
+    kind: Annotated[str, typer.Argument(help="inference | transcription | training | distillation | command")],
+    spec: Annotated[str | None, typer.Argument(help="The job spec as JSON.")] = None,
+    spec_file: Annotated[Path | None, typer.Option(exists=True, dir_okay=False)] = None,
+    priority: str = "normal",
+    gpu: Annotated[list[str] | None, typer.Option(help="Acceptable GPU model (repeatable).")] = None,
+    max_price: Annotated[float | None, typer.Option(help="Max $/hour.")] = None,
+    idempotency_key: str | None = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the result.")] = False,
+    timeout: float = 600.0,
+) -> None:
+    """Submit a job."""
+    requirements: dict[str, Any] = {}
+    if gpu:
+        requirements["gpu"] = gpu
+    if max_price is not None:
+        requirements["max_price_per_hour"] = max_price
+    with _client() as client:
+        job = client.submit(kind, _parse_spec(spec, spec_file), priority=priority,
+                            requirements=requirements or None, idempotency_key=idempotency_key)
+        console.print(f"submitted job {job.id} ({job.kind}, queue {job.queue})")
+        if wait:
+            with console.status(f"waiting for job {str(job.id)[:8]}…"):
+                job = client.wait(job.id, timeout=timeout)
+            job_detail(job)
+            if job.status.value != "succeeded":
+                raise typer.Exit(1)
+
+
+@app.command("jobs")
+def list_jobs(status: str | None = None, kind: str | None = None, batch: str | None = None, limit: int = 20) -> None:
+    """List recent jobs."""
+    with _client() as client:
+        page = client.list(status=status, kind=kind, batch_id=batch, limit=limit)
+    console.print(jobs_table(page.jobs))
+
+
+@app.command("job")
+def show_job(job_id: str) -> None:
+    """Show a job with its result and event history."""
+    with _client() as client:
+        job_detail(client.get(job_id))
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job; rented capacity is released."""
+    with _client() as client:
+        job = client.cancel(job_id)
+    console.print(f"job {job.id} is {job.status.value}")
+
+
+def run() -> None:
+    """Entry point: turn known errors into one line on stderr, never a traceback."""
+    from orchestrator.sdk.errors import GpufleetClientError
+
+    try:
+        app(standalone_mode=True)
+    except (GpufleetError, GpufleetClientError) as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()
