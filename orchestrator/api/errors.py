@@ -19,8 +19,13 @@ _STATUS = {NotFound: 404, Conflict: 409, InvalidTransition: 409}
 _TAGS = {"inference", "transcription", "training", "distillation", "command"}
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "function-after", "function-before"}
+
+
 def _field(loc: tuple[object, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    # Union members appear in locations as type names ("list[str]", "str"): not fields.
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")
+             and str(p).split("[")[0] not in _TYPE_NAMES]
     if parts and parts[0] in _TAGS:
         parts = parts[1:]
     if len(parts) > 2 and parts[0] == "jobs" and parts[2] in _TAGS:
@@ -31,8 +36,13 @@ def _field(loc: tuple[object, ...]) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [{"field": "kind" if e["type"].startswith("union_tag") else _field(tuple(e["loc"])),
-                   "reason": e["msg"]} for e in exc.errors()]
+        merged: dict[str, list[str]] = {}
+        for e in exc.errors():
+            field = "kind" if e["type"].startswith("union_tag") else _field(tuple(e["loc"]))
+            reason = str(e["msg"]).removeprefix("Value error, ")
+            if reason not in merged.setdefault(field, []):
+                merged[field].append(reason)
+        detail = [{"field": field, "reason": " or ".join(reasons)} for field, reasons in merged.items()]
         first = detail[0] if detail else {"field": "body", "reason": "invalid"}
         return JSONResponse(status_code=422, content={"error": f"{first['field']}: {first['reason']}", "detail": detail})
 

@@ -1,0 +1,83 @@
+"""The README's first command, and the CLI's promise: errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import KEY_A
+
+
+def _gpufleet(*args: str, env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _embedded_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
+    env["GPUFLEET_DATA_DIR"] = str(tmp_path / "data")
+    return env
+
+
+def test_demo_runs_on_the_embedded_default_with_no_services(tmp_path: Path) -> None:
+    env = _embedded_env(tmp_path)
+    result = _gpufleet("demo", "--time-scale", "0.2", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "12 jobs: 12 succeeded" in out
+    for queue in ("high_priority", "inference", "training", "distillation", "low_priority"):
+        assert queue in out
+    assert "h100-spot-us was lost mid-job; retrying elsewhere" in out and "sandbox/h100-de" in out
+    assert "teacher/student pairs" in out
+    assert (tmp_path / "data" / "gpufleet.db").exists()
+    # The jobs stay in the local database for the CLI to show afterwards.
+    listed = _gpufleet("jobs", "--limit", "50", env=env)
+    assert listed.returncode == 0 and listed.stdout.count("succeeded") == 12
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, stack) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "GPUFLEET_API_URL": stack.url, "GPUFLEET_API_KEY": KEY_A}
+    cases = [
+        (("submit", "command", "{not json"), "error: spec is not valid JSON"),
+        (("submit", "inference", json.dumps({"model": "m"})), "error: spec: give either 'messages' or 'prompt'"),
+        (("job", "00000000-0000-0000-0000-000000000000"), "error: job 00000000-0000-0000-0000-000000000000 not found"),
+    ]
+    for args, message in cases:
+        result = _gpufleet(*args, env=env)
+        assert result.returncode == 1, result
+        assert result.stderr.strip().startswith(message), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    bad_key = _gpufleet("jobs", env={**env, "GPUFLEET_API_KEY": "gf_nope"})
+    assert bad_key.returncode == 1 and bad_key.stderr.strip() == "error: invalid or revoked API key"
+    bad_setting = _gpufleet("jobs", env={**env, "GPUFLEET_VISIBILITY_TIMEOUT": "5"})
+    assert bad_setting.returncode == 1
+    assert bad_setting.stderr.strip().startswith("error: GPUFLEET_VISIBILITY_TIMEOUT:")
+
+
+def test_cli_submit_wait_and_show(stack) -> None:  # type: ignore[no-untyped-def]
+    env = {**os.environ, "GPUFLEET_API_URL": stack.url, "GPUFLEET_API_KEY": KEY_A}
+    result = _gpufleet("submit", "command", json.dumps({"command": ["echo", "from-cli"]}), "--wait", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "succeeded" in result.stdout and "from-cli" in result.stdout
+    job_id = result.stdout.split("submitted job ", 1)[1].split()[0]
+    shown = _gpufleet("job", job_id, env=env)
+    assert shown.returncode == 0 and "queued → placing" in shown.stdout
+
+
+def test_keys_create_list_revoke(stack) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    env = dict(os.environ)
+    created = _gpufleet("keys", "create", "initech", "--name", "ci", env=env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("gf_")
+    assert httpx.get(f"{stack.url}/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    listed = _gpufleet("keys", "list", "--tenant", "initech", env=env)
+    assert key[:10] in listed.stdout and key not in listed.stdout  # never shown again
+    revoked = _gpufleet("keys", "revoke", key[:10], env=env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert httpx.get(f"{stack.url}/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 401
