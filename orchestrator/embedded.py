@@ -13,16 +13,10 @@ from typing import Any
 import uvicorn
 
 from orchestrator.bootstrap import ensure_local_key, prepare_database
-from orchestrator.settings import CONTROL_QUEUE, QUEUE_NAMES, Settings, get_settings
+from orchestrator.scheduling.queues import all_queues
+from orchestrator.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-
-def all_queues() -> list[str]:
-    from orchestrator.scheduling.queues import provider_queue
-    from providers.registry import get_providers
-
-    return [*QUEUE_NAMES, CONTROL_QUEUE, *(provider_queue(name) for name in get_providers())]
 
 
 class EmbeddedStack:

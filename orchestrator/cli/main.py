@@ -24,6 +24,9 @@ keys_app = typer.Typer(help="Manage API keys (stored hashed; a key is shown once
 app.add_typer(keys_app, name="keys")
 
 
+LONG_QUEUES = {"training", "distillation", "low_priority"}
+
+
 class UsageError(GpufleetError):
     pass
 
@@ -85,7 +88,7 @@ def up(
         finally:
             stack.stop()
         return
-    from orchestrator.embedded import all_queues
+    from orchestrator.scheduling.queues import all_queues
 
     gpufleet = [sys.executable, "-m", "orchestrator.cli"]
     commands = [
@@ -125,7 +128,7 @@ def worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run a Celery worker on the given queues."""
-    from orchestrator.embedded import all_queues
+    from orchestrator.scheduling.queues import all_queues
     from workers.celery_app import get_app
 
     settings = get_settings()
@@ -134,8 +137,10 @@ def worker(
         concurrency = sum(settings.queue_concurrency.get(q, 2) for q in names)
     if pool not in ("prefork", "threads", "solo"):
         raise UsageError(f"--pool must be prefork, threads or solo, not {pool!r}")
+    # Prefetch 1 where a message may wait behind a slow one; short queues batch a little.
+    prefetch = 1 if set(names) & LONG_QUEUES else 4
     argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", pool, "-l", loglevel,
-            "--without-mingle", "--without-gossip"]
+            "--prefetch-multiplier", str(prefetch), "--without-mingle", "--without-gossip"]
     if hostname:
         argv += ["-n", hostname]
     get_app().worker_main(argv)

@@ -140,7 +140,8 @@ class Client:
     def wait_all(self, job_ids: Iterable[JobId], timeout: float = 600.0, poll_interval: float = 0.2,
                  on_progress: Callable[[int, int], None] | None = None) -> list[JobOut]:
         """Block until every job is terminal; returns them in the order given."""
-        pending = [str(j) for j in job_ids]
+        order = [str(j) for j in job_ids]
+        pending = list(order)
         total = len(pending)
         done: dict[str, JobOut] = {}
         deadline = time.monotonic() + timeout
@@ -157,7 +158,6 @@ class Client:
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"{len(pending)} of {total} jobs still unfinished after {timeout:g}s")
             time.sleep(poll_interval)
-        order = [str(j) for j in job_ids] if not isinstance(job_ids, Iterator) else list(done)
         return [done[j] for j in order]
 
     def health(self) -> dict[str, Any]:

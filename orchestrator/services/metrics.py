@@ -15,7 +15,6 @@ from sqlalchemy import case, func, select
 
 from orchestrator.db.engine import session_scope
 from orchestrator.db.models import Job
-from orchestrator.settings import CONTROL_QUEUE, QUEUE_NAMES
 
 log = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0)
@@ -61,7 +60,9 @@ class JobCollector(Collector):
         yield hist
         depth = GaugeMetricFamily("gpufleet_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
         try:
-            for queue, n in queue_depths([*QUEUE_NAMES, CONTROL_QUEUE]).items():
+            from orchestrator.scheduling.queues import all_queues
+
+            for queue, n in queue_depths(all_queues()).items():
                 depth.add_metric([queue], n)
         except Exception as exc:
             log.warning("queue depth unavailable: %s", type(exc).__name__)
