@@ -45,8 +45,8 @@ def make_app(settings: Settings) -> Celery:
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        worker_send_task_events=not settings.embedded,
-        task_send_sent_event=not settings.embedded,
+        # Off by default (they cost a message per task); Flower switches them on when it connects.
+        worker_send_task_events=False,
         beat_schedule={
             "sweep-overdue-jobs": {
                 "task": messaging.SWEEP,

@@ -6,7 +6,8 @@ poll      running → succeeded | failed | queued (failover): re-scheduled until
 release   give capacity back and settle its cost; idempotent, re-driven by the sweeper.
 
 Slow provider calls happen outside transactions; every state change is a guarded
-update, so a duplicated or late message changes nothing.
+update, so a duplicated or late message changes nothing. Reads that decide whether a
+step applies are plain selects; the guarded update that follows is the real check.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.engine import session_scope
@@ -28,12 +29,11 @@ from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import offer_key, place
 from orchestrator.scheduling.queues import provider_queue
 from orchestrator.services import messaging
-from orchestrator.services.transitions import transition
+from orchestrator.services.transitions import record_event, transition
 from orchestrator.settings import Settings, get_settings
 from providers.base import (
     JobSpec,
     Lease,
-    NoCapacity,
     NotYetReleased,
     Offer,
     PermanentProviderError,
@@ -51,18 +51,20 @@ log = logging.getLogger(__name__)
 FIRST_POLL_DELAY = 0.25
 MAX_POLL_DELAY = 5.0
 CAPACITY_RETRY_SECONDS = 2.0
+MAX_CAPACITY_RETRY_SECONDS = 30.0
 S = JobStatus
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The fields a step needs, read in one short transaction."""
+    """The fields a step needs, read in one select."""
 
     id: uuid.UUID
     status: JobStatus
     attempt: int
     max_attempts: int
     kind: str
+    queue: str
     spec: dict[str, Any]
     requirements: dict[str, Any]
     timeout_seconds: int
@@ -70,21 +72,30 @@ class Snapshot:
     placement: dict[str, Any] | None
     excluded_offers: list[str]
     run_handle: dict[str, Any] | None
-    released_at: Any
-    started_at: Any
+    released_at: datetime | None
+    started_at: datetime | None
+    created_at: datetime | None
+    error: str | None
+
+
+_COLUMNS = (Job.id, Job.status, Job.attempt, Job.max_attempts, Job.kind, Job.queue, Job.spec, Job.requirements,
+            Job.timeout_seconds, Job.provider, Job.placement, Job.excluded_offers, Job.run_handle, Job.released_at,
+            Job.started_at, Job.created_at, Job.error)
 
 
 def snapshot(job_id: uuid.UUID) -> Snapshot | None:
     with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            return None
-        return Snapshot(job.id, JobStatus(job.status), job.attempt, job.max_attempts, job.kind, job.spec,
-                        job.requirements, job.timeout_seconds, job.provider, job.placement,
-                        list(job.excluded_offers or []), job.run_handle, job.released_at, as_utc(job.started_at))
+        row = s.execute(select(*_COLUMNS).where(Job.id == job_id)).first()
+    if row is None:
+        return None
+    values = row._asdict()
+    values.update(status=JobStatus(row.status), excluded_offers=list(row.excluded_offers or []),
+                  released_at=as_utc(row.released_at), started_at=as_utc(row.started_at),
+                  created_at=as_utc(row.created_at))
+    return Snapshot(**values)
 
 
-def _grace(settings: Settings, extra: float = 0.0) -> Any:
+def _grace(settings: Settings, extra: float = 0.0) -> datetime:
     return utcnow() + timedelta(seconds=settings.sweep_grace_seconds + extra)
 
 
@@ -98,13 +109,9 @@ def _job_spec(job: Snapshot) -> JobSpec:
 
 def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher") -> None:
     settings = get_settings()
-    with session_scope() as s:
-        claimed = transition(s, job_id, expected=S.queued, attempt=attempt, to=S.placing, actor=actor,
-                             reason="placing", values={"next_check_at": _grace(settings)})
-    if not claimed:
-        return
     job = snapshot(job_id)
-    assert job is not None
+    if job is None or job.status != S.queued or job.attempt != attempt:
+        return
     try:
         placement = place(get_providers(), job.kind, job.spec, Requirements(**job.requirements),
                           job.timeout_seconds, set(job.excluded_offers))
@@ -114,44 +121,44 @@ def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher") -> None
     except NoPlacement as exc:
         history = f" after trying {', '.join(job.excluded_offers)}" if job.excluded_offers else ""
         with session_scope() as s:
-            transition(s, job_id, expected=S.placing, attempt=attempt, to=S.failed, actor=actor,
+            transition(s, job_id, expected=S.queued, attempt=attempt, to=S.failed, actor=actor,
                        reason=f"{exc}{history}", values={"error": f"{exc}{history}", "next_check_at": None})
         return
     with session_scope() as s:
-        moved = s.execute(
-            update(Job).where(Job.id == job_id, Job.status == S.placing.value, Job.attempt == attempt)
-            .values(provider=placement.provider, offer_id=placement.offer.offer_id,
-                    price_per_hour=placement.offer.price_per_hour, updated_at=utcnow(),
-                    placement=placement.model_dump(mode="json"), next_check_at=_grace(settings))
-        ).rowcount
-        if moved:
-            from orchestrator.db.models import JobEvent
-
-            s.add(JobEvent(job_id=job_id, at=utcnow(), from_status="placing", to_status="placing", attempt=attempt,
-                           actor=actor, reason=f"placed: {placement.rationale}",
-                           data={"provider": placement.provider, "offer": placement.offer.offer_id,
-                                 "estimated_cost": placement.estimated_cost}))
+        moved = transition(
+            s, job_id, expected=S.queued, attempt=attempt, to=S.placing, actor=actor,
+            reason=f"placed: {placement.rationale}",
+            values={"provider": placement.provider, "offer_id": placement.offer.offer_id,
+                    "price_per_hour": placement.offer.price_per_hour, "placement": placement.model_dump(mode="json"),
+                    "next_check_at": _grace(settings)},
+            data={"provider": placement.provider, "offer": placement.offer.offer_id,
+                  "estimated_cost": placement.estimated_cost},
+        )
     if moved:
         messaging.send(messaging.EXECUTE, [str(job_id), attempt], provider_queue(placement.provider))
 
 
 def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
-    """Everything that fits is busy: re-queue the same attempt and try again shortly, until the job's timeout."""
+    """Everything that fits is busy: stay queued and place again shortly, until the job's timeout."""
     settings = get_settings()
-    with session_scope() as s:
-        created = as_utc(s.get_one(Job, job.id).created_at)
-        expired = created is not None and (utcnow() - created).total_seconds() > job.timeout_seconds
-        if expired:
-            transition(s, job.id, expected=S.placing, attempt=job.attempt, to=S.failed, actor=actor,
+    waited = (utcnow() - job.created_at).total_seconds() if job.created_at else 0.0
+    if waited > job.timeout_seconds:
+        with session_scope() as s:
+            transition(s, job.id, expected=S.queued, attempt=job.attempt, to=S.failed, actor=actor,
                        reason=f"gave up waiting for capacity after {job.timeout_seconds}s: {reason}",
                        values={"error": f"no capacity within {job.timeout_seconds}s: {reason}", "next_check_at": None})
-            return
-        moved = transition(s, job.id, expected=S.placing, attempt=job.attempt, to=S.queued, actor=actor,
-                           reason=f"waiting for capacity: {reason}",
-                           values={"next_check_at": _grace(settings, CAPACITY_RETRY_SECONDS)})
-        queue = s.get_one(Job, job.id).queue
+        return
+    delay = min(MAX_CAPACITY_RETRY_SECONDS, CAPACITY_RETRY_SECONDS * (1 + waited / 10))
+    note = f"waiting for capacity: {reason}"
+    with session_scope() as s:
+        moved = s.execute(
+            update(Job).where(Job.id == job.id, Job.status == S.queued.value, Job.attempt == job.attempt)
+            .values(next_check_at=_grace(settings, delay), error=note)
+        ).rowcount
+        if moved and job.error != note:  # one event when waiting starts, not one per retry
+            record_event(s, job.id, S.queued, S.queued, job.attempt, actor, note)
     if moved:
-        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt], queue, countdown=CAPACITY_RETRY_SECONDS)
+        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt], job.queue, countdown=delay)
 
 
 # --- execute ------------------------------------------------------------------------------
@@ -162,7 +169,6 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     job = snapshot(job_id)
     if job is None or job.status != S.placing or job.attempt != attempt or not job.placement:
         return
-    provider = get_providers().get(job.provider or "")
     offer = Offer(**job.placement["offer"])
     with session_scope() as s:
         claimed = transition(s, job_id, expected=S.placing, attempt=attempt, to=S.running, actor=actor,
@@ -171,6 +177,7 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
                                      "next_check_at": _grace(settings, 60)})
     if not claimed:
         return
+    provider = get_providers().get(job.provider or "")
     if provider is None:
         _fail(job, f"provider {job.provider!r} is no longer configured", actor, transient=True)
         return
@@ -188,6 +195,12 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         _fail(job, f"start on {offer_key(offer)} failed: {exc}", actor,
               transient=not isinstance(exc, PermanentProviderError))
         return
+    # Poll once before recording: work that is already done finishes in this one task.
+    running = RunSnapshot(job, started=time.time())
+    status = _observe(provider, handle, running)
+    if status.state != "running":
+        _finish(job, provider, handle, status, actor)
+        return
     with session_scope() as s:
         stored = s.execute(
             update(Job).where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
@@ -195,13 +208,32 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
                     next_check_at=_grace(settings, FIRST_POLL_DELAY))
         ).rowcount
     if not stored:  # cancelled while we were starting: give the capacity straight back
-        _release_quietly(provider, lease, handle)
-        release(job_id)
+        _settle_release(job, provider, handle)
         return
-    poll(job_id, attempt, delay=FIRST_POLL_DELAY, actor=actor)
+    messaging.send(messaging.POLL, [str(job_id), attempt, FIRST_POLL_DELAY * 2], provider_queue(provider.name),
+                   countdown=FIRST_POLL_DELAY)
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    job: Snapshot
+    started: float
 
 
 # --- poll ---------------------------------------------------------------------------------
+
+
+def _observe(provider: Provider, handle: RunHandle, run: RunSnapshot) -> RunStatus:
+    try:
+        status = provider.poll(handle)
+    except TransientProviderError as exc:
+        log.warning("poll of job %s failed transiently: %s", run.job.id, exc)
+        status = RunStatus(state="running")
+    except ProviderError as exc:
+        status = RunStatus(state="failed", error=str(exc), transient=not isinstance(exc, PermanentProviderError))
+    if status.state == "running" and time.time() - run.started > run.job.timeout_seconds:
+        status = RunStatus(state="failed", error=f"exceeded its time limit of {run.job.timeout_seconds}s")
+    return status
 
 
 def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor: str = "poller") -> None:
@@ -214,19 +246,12 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
             release(job_id)
         return
     provider = get_providers().get(job.provider or "")
-    handle = RunHandle(**job.run_handle)
     if provider is None:
         _fail(job, f"provider {job.provider!r} is no longer configured", actor, transient=True)
         return
-    try:
-        status = provider.poll(handle)
-    except TransientProviderError as exc:
-        log.warning("poll of job %s failed transiently: %s", job_id, exc)
-        status = RunStatus(state="running")
-    except ProviderError as exc:
-        status = RunStatus(state="failed", error=str(exc), transient=not isinstance(exc, PermanentProviderError))
-    if status.state == "running" and job.started_at and time.time() - job.started_at.timestamp() > job.timeout_seconds:
-        status = RunStatus(state="failed", error=f"exceeded its time limit of {job.timeout_seconds}s")
+    handle = RunHandle(**job.run_handle)
+    started = job.started_at.timestamp() if job.started_at else handle.started_at
+    status = _observe(provider, handle, RunSnapshot(job, started))
     if status.state == "running":
         with session_scope() as s:
             s.execute(update(Job).where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
@@ -243,53 +268,52 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
     cost = (status.cost or 0.0) + (_rented_cost(handle.lease) if released else 0.0)
     duration = round(time.time() - handle.started_at, 3)
     done = {"result": status.result, "duration_seconds": duration, "next_check_at": None,
-            "cost": Job.cost + cost, "released_at": utcnow() if released else None}
+            "run_handle": handle.model_dump(mode="json"), "cost": Job.cost + cost,
+            "released_at": utcnow() if released else None}
     if status.state == "succeeded":
         with session_scope() as s:
-            transition(s, job.id, expected=S.running, attempt=job.attempt, to=S.succeeded, actor=actor,
-                       reason=f"finished on {offer_key(_offer_of(handle))} in {duration:.2f}s, cost ${cost:.6f}",
-                       values={**done, "error": None})
-        return
-    _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
-
-
-def _offer_of(handle: RunHandle) -> Offer:
-    return Offer(provider=handle.provider, offer_id=handle.lease.offer_id)
+            moved = transition(s, job.id, expected=S.running, attempt=job.attempt, to=S.succeeded, actor=actor,
+                               reason=f"finished on {handle.provider}/{handle.lease.offer_id} in {duration:.2f}s, "
+                                      f"cost ${cost:.6f}",
+                               values={**done, "error": None})
+    else:
+        moved = _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
+    if not moved:
+        # Cancelled meanwhile: the capacity is still ours to account for.
+        with session_scope() as s:
+            s.execute(update(Job).where(Job.id == job.id, Job.attempt == job.attempt, Job.released_at.is_(None))
+                      .values(run_handle=done["run_handle"], cost=done["cost"], released_at=done["released_at"]))
 
 
 def _rented_cost(lease: Lease) -> float:
     return round(lease.price_per_hour * max(0.0, time.time() - lease.reserved_at) / 3600, 8)
 
 
-def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None) -> None:
-    """Fail over to another offer if the failure was the capacity's and attempts remain; else fail the job."""
+def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None) -> bool:
+    """Fail over to another offer if the failure was the capacity's and attempts remain; else fail the job.
+
+    Returns False if the job had already moved on (cancelled, or handled by a duplicate message)."""
     settings = get_settings()
-    values = dict(values or {})
-    values.setdefault("next_check_at", None)
+    values = {"next_check_at": None, **(values or {})}
     excluded = [*job.excluded_offers]
     if job.placement:
         excluded.append(offer_key(Offer(**job.placement["offer"])))
+    retry = transient and job.attempt < job.max_attempts
     with session_scope() as s:
-        current = s.get(Job, job.id)
-        assert current is not None
-        status = JobStatus(current.status)
-        if status not in (S.running, S.placing) or current.attempt != job.attempt:
-            return
-        if transient and job.attempt < job.max_attempts:
+        if retry:
             moved = transition(
-                s, job.id, expected=status, attempt=job.attempt, to=S.queued, actor=actor,
+                s, job.id, expected=S.running, attempt=job.attempt, to=S.queued, actor=actor,
                 reason=f"{reason}; retrying elsewhere (attempt {job.attempt + 1} of {job.max_attempts})",
                 values={**values, "attempt": job.attempt + 1, "excluded_offers": excluded, "result": None,
                         "next_check_at": _grace(settings), "error": reason},
             )
-            queue = current.queue
         else:
-            moved = False
             final = reason if not transient else f"{reason}; gave up after {job.attempt} attempts"
-            transition(s, job.id, expected=status, attempt=job.attempt, to=S.failed, actor=actor, reason=final,
-                       values={**values, "error": final})
-    if moved:
-        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt + 1], queue)
+            moved = transition(s, job.id, expected=S.running, attempt=job.attempt, to=S.failed, actor=actor,
+                               reason=final, values={**values, "error": final})
+    if moved and retry:
+        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt + 1], job.queue)
+    return moved
 
 
 # --- release ------------------------------------------------------------------------------
@@ -306,6 +330,16 @@ def _release_quietly(provider: Provider, lease: Lease, handle: RunHandle | None)
         return False
 
 
+def _settle_release(job: Snapshot, provider: Provider, handle: RunHandle) -> bool:
+    if not _release_quietly(provider, handle.lease, handle):
+        return False
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == job.id, Job.released_at.is_(None), Job.attempt == job.attempt)
+                  .values(released_at=utcnow(), cost=Job.cost + _rented_cost(handle.lease), next_check_at=None,
+                          run_handle=handle.model_dump(mode="json")))
+    return True
+
+
 def release(job_id: uuid.UUID) -> bool:
     """Give back the capacity of a job that no longer needs it and settle its cost. Idempotent."""
     job = snapshot(job_id)
@@ -315,11 +349,4 @@ def release(job_id: uuid.UUID) -> bool:
     if provider is None:
         log.error("job %s holds capacity on unknown provider %r", job_id, job.provider)
         return False
-    handle = RunHandle(**job.run_handle)
-    if not _release_quietly(provider, handle.lease, handle):
-        return False
-    with session_scope() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.released_at.is_(None), Job.attempt == job.attempt)
-                  .values(released_at=utcnow(), cost=Job.cost + _rented_cost(handle.lease),
-                          next_check_at=None))
-    return True
+    return _settle_release(job, provider, RunHandle(**job.run_handle))

@@ -36,7 +36,7 @@ def sweep(limit: int = 1000) -> Counter[str]:
     done: Counter[str] = Counter()
     with session_scope() as s:
         rows = s.execute(
-            select(Job.id, Job.status, Job.attempt, Job.queue, Job.provider, Job.placement, Job.run_handle)
+            select(Job.id, Job.status, Job.attempt, Job.queue, Job.provider, Job.run_handle)
             .where(or_(
                 and_(Job.status.in_([S.queued.value, S.placing.value, S.running.value]), Job.next_check_at < now),
                 and_(Job.status.in_([t.value for t in TERMINAL]), Job.run_handle.is_not(None),
@@ -63,14 +63,9 @@ def sweep(limit: int = 1000) -> Counter[str]:
             if status == S.queued:
                 outbox.append((messaging.DISPATCH, [str(row.id), row.attempt], row.queue))
                 done["dispatch"] += 1
-            elif status == S.placing and row.placement:
+            elif status == S.placing:  # placed (dispatch writes the offer with the status)
                 outbox.append((messaging.EXECUTE, [str(row.id), row.attempt], provider_queue(row.provider)))
                 done["execute"] += 1
-            elif status == S.placing:
-                transition(s, row.id, expected=S.placing, attempt=row.attempt, to=S.queued, actor=ACTOR,
-                           reason="the dispatcher was lost before placing; re-queued")
-                outbox.append((messaging.DISPATCH, [str(row.id), row.attempt], row.queue))
-                done["dispatch"] += 1
             elif row.run_handle:
                 outbox.append((messaging.POLL, [str(row.id), row.attempt], provider_queue(row.provider)))
                 done["poll"] += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from orchestrator.clock import utcnow
@@ -60,8 +60,12 @@ def transition(
     )
     if result.rowcount != 1:
         return False
-    session.add(
-        JobEvent(job_id=job_id, at=now, from_status=expected.value, to_status=to.value,
-                 attempt=event_attempt or fields.get("attempt", attempt), actor=actor, reason=reason, data=data)
-    )
+    record_event(session, job_id, expected, to, event_attempt or fields.get("attempt", attempt), actor, reason, data)
     return True
+
+
+def record_event(session: Session, job_id: uuid.UUID, from_status: JobStatus | None, to: JobStatus, attempt: int,
+                 actor: str, reason: str, data: dict[str, Any] | None = None) -> None:
+    session.execute(insert(JobEvent).values(
+        job_id=job_id, at=utcnow(), from_status=from_status.value if from_status else None, to_status=to.value,
+        attempt=attempt, actor=actor, reason=reason, data=data))
