@@ -63,10 +63,10 @@ def stop(*procs: subprocess.Popen[bytes] | None) -> None:
                 p.kill()
 
 
-def bench_plain(n: int, concurrency: int, logs: Path) -> float:
+def bench_plain(n: int, concurrency: int, pool: str, logs: Path) -> float:
     redis.Redis.from_url(PLAIN_REDIS).flushdb()
     env = {**os.environ, "BENCH_PLAIN_REDIS": PLAIN_REDIS, "PYTHONPATH": str(ROOT)}
-    worker = spawn([sys.executable, "-m", "celery", "-A", "bench.plain_celery_app", "worker", "-P", "threads",
+    worker = spawn([sys.executable, "-m", "celery", "-A", "bench.plain_celery_app", "worker", "-P", pool,
                     "-c", str(concurrency), "-l", "WARNING", "--without-mingle", "--without-gossip"], env, logs / "plain.log")
     try:
         sys.path.insert(0, str(ROOT))
@@ -83,8 +83,9 @@ def bench_plain(n: int, concurrency: int, logs: Path) -> float:
 
 
 class Fleet:
-    def __init__(self, concurrency: int, logs: Path) -> None:
+    def __init__(self, concurrency: int, pool: str, logs: Path) -> None:
         self.concurrency = concurrency
+        self.pool = pool
         self.logs = logs
         self.db = f"gpufleet_bench_{uuid.uuid4().hex[:8]}"
         self.port = free_port()
@@ -118,7 +119,7 @@ class Fleet:
         return self
 
     def start_worker(self) -> None:
-        self.worker = spawn([sys.executable, "-m", "orchestrator.cli", "worker", "--pool", "threads",
+        self.worker = spawn([sys.executable, "-m", "orchestrator.cli", "worker", "--pool", self.pool,
                              "--concurrency", str(self.concurrency), "--queues", "inference,p.sandbox",
                              "--loglevel", "WARNING"], self.env, self.logs / "worker.log")
 
@@ -197,15 +198,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--submit-jobs", type=int, default=10_000)
+    parser.add_argument("--pool", choices=["threads", "prefork"], default="prefork",
+                        help="worker pool for both systems (prefork uses one process per slot)")
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="gpufleet-bench-logs-"))
-    plain = bench_plain(args.jobs, args.concurrency, logs)
-    with Fleet(args.concurrency, logs) as fleet:
+    plain = bench_plain(args.jobs, args.concurrency, args.pool, logs)
+    with Fleet(args.concurrency, args.pool, logs) as fleet:
         fleet_rate = bench_fleet(fleet, args.jobs)
         submit_rate = bench_submit(fleet, args.submit_jobs)
     rows = [
         ("machine", f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"),
-        ("jobs / worker concurrency", f"{args.jobs} / {args.concurrency} threads"),
+        ("jobs / worker concurrency", f"{args.jobs} / {args.concurrency} {args.pool}"),
         ("plain Celery (no-op, Redis results)", f"{plain:,.0f} jobs/s"),
         ("gpufleet end to end (persisted)", f"{fleet_rate:,.0f} jobs/s"),
         ("ratio gpufleet / plain Celery", f"{fleet_rate / plain:.2f}"),

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import uuid
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from orchestrator.services import messaging, pipeline, sweeper
 
 
-@shared_task(name=messaging.DISPATCH)
-def dispatch(job_id: str, attempt: int) -> None:
-    pipeline.dispatch(uuid.UUID(job_id), attempt)
+@shared_task(name=messaging.DISPATCH, bind=True)
+def dispatch(self: Task, job_id: str, attempt: int) -> None:
+    consumed = self.app.amqp.queues.consume_from
+    pipeline.dispatch(uuid.UUID(job_id), attempt, serves=lambda queue: queue in consumed)
 
 
 @shared_task(name=messaging.EXECUTE)

@@ -123,7 +123,7 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 def worker(
     queues: Annotated[str | None, typer.Option(help="Comma-separated queues (default: all).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Default: the sum of the queues' configured concurrency.")] = None,
-    pool: Annotated[str, typer.Option(help="prefork or threads")] = "threads",
+    pool: Annotated[str, typer.Option(help="prefork (CPU-bound steps, default) or threads (I/O-bound providers)")] = "prefork",
     hostname: str | None = None,
     loglevel: str = "INFO",
 ) -> None:

@@ -36,7 +36,9 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No pre-ping: it costs a round trip per transaction on the hot path. A connection killed by a
+    # database restart fails one step, SQLAlchemy invalidates the pool, and the sweeper re-drives the job.
+    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
 
 
 @lru_cache(maxsize=4)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -78,6 +79,7 @@ class Snapshot:
     error: str | None
 
 
+_T = Job.__table__.c
 _COLUMNS = (Job.id, Job.status, Job.attempt, Job.max_attempts, Job.kind, Job.queue, Job.spec, Job.requirements,
             Job.timeout_seconds, Job.provider, Job.placement, Job.excluded_offers, Job.run_handle, Job.released_at,
             Job.started_at, Job.created_at, Job.error)
@@ -85,7 +87,7 @@ _COLUMNS = (Job.id, Job.status, Job.attempt, Job.max_attempts, Job.kind, Job.que
 
 def snapshot(job_id: uuid.UUID) -> Snapshot | None:
     with session_scope() as s:
-        row = s.execute(select(*_COLUMNS).where(Job.id == job_id)).first()
+        row = s.execute(select(*(_T[c.key] for c in _COLUMNS)).where(_T.id == job_id)).first()
     if row is None:
         return None
     values = row._asdict()
@@ -107,7 +109,10 @@ def _job_spec(job: Snapshot) -> JobSpec:
 # --- dispatch -----------------------------------------------------------------------------
 
 
-def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher") -> None:
+def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher",
+             serves: Callable[[str], bool] = lambda queue: False) -> None:
+    """Place a queued job. ``serves(queue)`` says whether this worker also consumes the provider's
+    queue; if so the execute step runs here at once instead of costing another broker round trip."""
     settings = get_settings()
     job = snapshot(job_id)
     if job is None or job.status != S.queued or job.attempt != attempt:
@@ -134,8 +139,13 @@ def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher") -> None
             data={"provider": placement.provider, "offer": placement.offer.offer_id,
                   "estimated_cost": placement.estimated_cost},
         )
-    if moved:
-        messaging.send(messaging.EXECUTE, [str(job_id), attempt], provider_queue(placement.provider))
+    if not moved:
+        return
+    queue = provider_queue(placement.provider)
+    if serves(queue):
+        execute(job_id, attempt)
+    else:
+        messaging.send(messaging.EXECUTE, [str(job_id), attempt], queue)
 
 
 def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:

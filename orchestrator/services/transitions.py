@@ -52,11 +52,11 @@ def transition(
     fields = dict(values or {})
     if to.terminal:
         fields.setdefault("finished_at", now)
+    jobs = Job.__table__  # Core statements: the ORM's bulk-update bookkeeping costs more than the SQL
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == expected.value, Job.attempt == attempt)
+        update(jobs)
+        .where(jobs.c.id == job_id, jobs.c.status == expected.value, jobs.c.attempt == attempt)
         .values(status=to.value, updated_at=now, **fields)
-        .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         return False
@@ -66,6 +66,6 @@ def transition(
 
 def record_event(session: Session, job_id: uuid.UUID, from_status: JobStatus | None, to: JobStatus, attempt: int,
                  actor: str, reason: str, data: dict[str, Any] | None = None) -> None:
-    session.execute(insert(JobEvent).values(
+    session.execute(insert(JobEvent.__table__).values(
         job_id=job_id, at=utcnow(), from_status=from_status.value if from_status else None, to_status=to.value,
         attempt=attempt, actor=actor, reason=reason, data=data))
