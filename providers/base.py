@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 JobKindName = Literal["inference", "transcription", "training", "distillation", "command"]
 
 
-class ProviderKind(str, enum.Enum):
+class ProviderKind(enum.StrEnum):
     marketplace = "marketplace"
     serverless = "serverless"
     cloud_pool = "cloud_pool"

@@ -4,7 +4,6 @@ so an oversized upload is refused without being read into memory."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,7 +45,7 @@ class BodySizeLimit:
                     return {"type": "http.disconnect"}
             return message
 
-        async def guarded_send(message: dict[str, Any]) -> None:
+        async def guarded_send(message: Message) -> None:
             if not rejected:
                 await send(message)
 

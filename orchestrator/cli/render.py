@@ -45,7 +45,8 @@ def job_detail(job: JobOut) -> None:
     console.print(f"[bold]job {job.id}[/]  {job.kind} on {job.queue}  "
                   f"[{STATUS_STYLE.get(job.status.value, 'white')}]{job.status.value}[/]")
     if job.provider:
-        console.print(f"placed on {job.provider}/{job.offer_id}  cost {money(job.cost)}  attempt {job.attempt}/{job.max_attempts}")
+        console.print(f"placed on {job.provider}/{job.offer_id}  cost {money(job.cost)}  "
+                      f"attempt {job.attempt}/{job.max_attempts}")
     if job.error:
         console.print(f"[red]error:[/] {job.error}")
     if job.result is not None:

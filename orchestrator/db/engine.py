@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.settings import get_settings
@@ -69,3 +70,8 @@ def reset_engines() -> None:
     """Forget cached engines (settings changed, or after fork)."""
     for factory in (_sessionmaker, get_engine):
         factory.cache_clear()
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """Rows an UPDATE touched: 0 means a guard did not match (someone else moved the row first)."""
+    return cast(CursorResult[Any], result).rowcount

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     Uuid,
@@ -131,3 +132,8 @@ class JobEvent(Base):
     actor: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+# Core tables for hot-path statements (the ORM's bulk-update bookkeeping costs more than the SQL).
+JOBS: Table = Job.__table__  # type: ignore[assignment]
+JOB_EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]

@@ -107,8 +107,8 @@ def place(
     fits.sort(key=lambda item: (item[0], item[1], offer_key(item[2])))
     cost, _, best = fits[0]
     runner_up = f"; next best {offer_key(fits[1][2])} at ~${fits[1][0]:.4f}" if len(fits) > 1 else ""
-    price = (f"${best.price_per_1k_tokens}/1K tokens" if best.price_per_1k_tokens is not None and kind in ("inference", "transcription")
-             else f"${best.price_per_hour:.2f}/h")
+    per_token = best.price_per_1k_tokens is not None and kind in ("inference", "transcription")
+    price = f"${best.price_per_1k_tokens}/1K tokens" if per_token else f"${best.price_per_hour:.2f}/h"
     rationale = (f"cheapest of {len(fits)} fitting offers: {offer_key(best)} ({best.gpu or 'cpu'}, {best.region}, "
                  f"{price}, est. ${cost:.4f}){runner_up}; {len(rejected)} rejected")
     return Placement(provider=best.provider, offer=best, estimated_cost=round(cost, 6), rationale=rationale,

@@ -7,6 +7,7 @@ through exactly the same HTTP API, queues and workers as production.
 
 from __future__ import annotations
 
+import builtins
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -138,7 +139,7 @@ class Client:
             delay = min(delay * 1.5, 2.0)
 
     def wait_all(self, job_ids: Iterable[JobId], timeout: float = 600.0, poll_interval: float = 0.2,
-                 on_progress: Callable[[int, int], None] | None = None) -> list[JobOut]:
+                 on_progress: Callable[[int, int], None] | None = None) -> builtins.list[JobOut]:
         """Block until every job is terminal; returns them in the order given."""
         order = [str(j) for j in job_ids]
         pending = list(order)

@@ -47,7 +47,7 @@ class JobCollector(Collector):
             for kind, provider, total in s.execute(
                     select(Job.kind, Job.provider, func.sum(Job.cost)).where(Job.provider.is_not(None))
                     .group_by(Job.kind, Job.provider)):
-                cost.add_metric([kind, provider], float(total or 0))
+                cost.add_metric([kind, provider or ""], float(total or 0))
             columns = [func.sum(case((Job.duration_seconds <= b, 1), else_=0)) for b in DURATION_BUCKETS]
             for row in s.execute(
                     select(Job.kind, func.count(), func.sum(Job.duration_seconds), *columns)

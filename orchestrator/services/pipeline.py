@@ -23,8 +23,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from orchestrator.clock import as_utc, utcnow
-from orchestrator.db.engine import session_scope
-from orchestrator.db.models import Job
+from orchestrator.db.engine import rows_changed, session_scope
+from orchestrator.db.models import JOBS, Job
 from orchestrator.domain import JobStatus
 from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import offer_key, place
@@ -79,7 +79,7 @@ class Snapshot:
     error: str | None
 
 
-_T = Job.__table__.c
+_T = JOBS.c
 _COLUMNS = (Job.id, Job.status, Job.attempt, Job.max_attempts, Job.kind, Job.queue, Job.spec, Job.requirements,
             Job.timeout_seconds, Job.provider, Job.placement, Job.excluded_offers, Job.run_handle, Job.released_at,
             Job.started_at, Job.created_at, Job.error)
@@ -161,10 +161,10 @@ def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
     delay = min(MAX_CAPACITY_RETRY_SECONDS, CAPACITY_RETRY_SECONDS * (1 + waited / 10))
     note = f"waiting for capacity: {reason}"
     with session_scope() as s:
-        moved = s.execute(
+        moved = rows_changed(s.execute(
             update(Job).where(Job.id == job.id, Job.status == S.queued.value, Job.attempt == job.attempt)
             .values(next_check_at=_grace(settings, delay), error=note)
-        ).rowcount
+        ))
         if moved and job.error != note:  # one event when waiting starts, not one per retry
             record_event(s, job.id, S.queued, S.queued, job.attempt, actor, note)
     if moved:
@@ -212,11 +212,11 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         _finish(job, provider, handle, status, actor)
         return
     with session_scope() as s:
-        stored = s.execute(
+        stored = rows_changed(s.execute(
             update(Job).where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
             .values(run_handle=handle.model_dump(mode="json"), updated_at=utcnow(),
                     next_check_at=_grace(settings, FIRST_POLL_DELAY))
-        ).rowcount
+        ))
     if not stored:  # cancelled while we were starting: give the capacity straight back
         _settle_release(job, provider, handle)
         return

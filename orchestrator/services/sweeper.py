@@ -15,7 +15,7 @@ from datetime import timedelta
 from sqlalchemy import and_, or_, select, update
 
 from orchestrator.clock import utcnow
-from orchestrator.db.engine import session_scope
+from orchestrator.db.engine import rows_changed, session_scope
 from orchestrator.db.models import Job
 from orchestrator.domain import TERMINAL, JobStatus
 from orchestrator.scheduling.queues import provider_queue
@@ -54,10 +54,10 @@ def sweep(limit: int = 1000) -> Counter[str]:
                 s.execute(update(Job).where(Job.id == row.id).values(updated_at=now))
                 done["release"] += 1
                 continue
-            bumped = s.execute(
+            bumped = rows_changed(s.execute(
                 update(Job).where(Job.id == row.id, Job.status == row.status, Job.attempt == row.attempt)
                 .values(next_check_at=later)
-            ).rowcount
+            ))
             if not bumped:
                 continue
             if status == S.queued:

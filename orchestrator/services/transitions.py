@@ -13,7 +13,8 @@ from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from orchestrator.clock import utcnow
-from orchestrator.db.models import Job, JobEvent
+from orchestrator.db.engine import rows_changed
+from orchestrator.db.models import JOB_EVENTS, JOBS
 from orchestrator.domain import JobStatus
 from orchestrator.errors import InvalidTransition
 
@@ -52,13 +53,13 @@ def transition(
     fields = dict(values or {})
     if to.terminal:
         fields.setdefault("finished_at", now)
-    jobs = Job.__table__  # Core statements: the ORM's bulk-update bookkeeping costs more than the SQL
+    jobs = JOBS
     result = session.execute(
         update(jobs)
         .where(jobs.c.id == job_id, jobs.c.status == expected.value, jobs.c.attempt == attempt)
         .values(status=to.value, updated_at=now, **fields)
     )
-    if result.rowcount != 1:
+    if rows_changed(result) != 1:
         return False
     record_event(session, job_id, expected, to, event_attempt or fields.get("attempt", attempt), actor, reason, data)
     return True
@@ -66,6 +67,6 @@ def transition(
 
 def record_event(session: Session, job_id: uuid.UUID, from_status: JobStatus | None, to: JobStatus, attempt: int,
                  actor: str, reason: str, data: dict[str, Any] | None = None) -> None:
-    session.execute(insert(JobEvent.__table__).values(
+    session.execute(insert(JOB_EVENTS).values(
         job_id=job_id, at=utcnow(), from_status=from_status.value if from_status else None, to_status=to.value,
         attempt=attempt, actor=actor, reason=reason, data=data))

@@ -107,7 +107,7 @@ def status(info: dict[str, Any], deadline: float) -> tuple[str, dict[str, Any] |
         code = exit_code(info)  # it may have finished between the two checks
         if code is None:
             return "failed", None, "the process vanished without an exit code (killed outside gpufleet?)"
-    result = {"exit_code": code, "stdout": tail(info, "stdout.log"), "stderr": tail(info, "stderr.log")}
+    result: dict[str, Any] = {"exit_code": code, "stdout": tail(info, "stdout.log"), "stderr": tail(info, "stderr.log")}
     if code == 0:
         return "succeeded", result, None
     last_line = next((line for line in reversed(result["stderr"].splitlines()) if line.strip()), "")

@@ -86,10 +86,10 @@ def test_cancel_running_job_stops_its_process_and_releases(client, stack) -> Non
     wait_for_status(client, job.id, "running")
     cancelled = client.cancel(job.id)
     assert cancelled.status.value == "cancelled"
+    import time
+
     from orchestrator.db.engine import session_scope
     from orchestrator.db.models import Job
-
-    import time
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with session_scope() as s:
