@@ -95,10 +95,10 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if value and not value.startswith(("sqlite", "postgresql")):
-            raise ValueError("must start with sqlite:// or postgresql+psycopg://")
-        if value.startswith("postgresql://") or value.startswith("postgres://"):
+        if value.startswith(("postgresql://", "postgres://")):  # Heroku/Fly style
             return "postgresql+psycopg://" + value.split("://", 1)[1]
+        if value and not value.startswith(("sqlite", "postgresql+psycopg")):
+            raise ValueError("must start with sqlite://, postgres:// or postgresql+psycopg://")
         return value
 
     @field_validator("broker_url")
@@ -156,7 +156,7 @@ def _load_providers_file(path: Path) -> dict[str, dict[str, Any]]:
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"GPUFLEET_PROVIDERS_FILE: {path} is not valid: {exc}".splitlines()[0]) from None
     data = data or {}
-    providers = data.get("providers", data)
+    providers = data.get("providers", data) if isinstance(data, dict) else data
     if not isinstance(providers, dict) or not all(isinstance(v, dict) for v in providers.values()):
         raise ConfigError(f"GPUFLEET_PROVIDERS_FILE: {path} must map provider names to tables")
     return providers

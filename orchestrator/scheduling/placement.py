@@ -49,8 +49,6 @@ def rejection(offer: Offer, req: Requirements, kind: str, excluded: set[str]) ->
         return "failed this job before"
     if kind not in offer.kinds:
         return f"does not run {kind} jobs"
-    if req.providers and offer.provider not in req.providers:
-        return "provider not allowed by the job"
     if req.needs_gpu():
         if not offer.gpu:
             return "no GPU"
@@ -60,7 +58,8 @@ def rejection(offer: Offer, req: Requirements, kind: str, excluded: set[str]) ->
             return f"{offer.gpu_count} GPUs < {req.gpu_count}"
         if req.min_gpu_memory_gb and offer.gpu_memory_gb < req.min_gpu_memory_gb:
             return f"{offer.gpu_memory_gb:g} GB GPU memory < {req.min_gpu_memory_gb:g}"
-    if req.max_price_per_hour is not None and offer.price_per_hour > req.max_price_per_hour:
+    per_token = offer.price_per_1k_tokens is not None and kind in ("inference", "transcription")
+    if req.max_price_per_hour is not None and not per_token and offer.price_per_hour > req.max_price_per_hour:
         return f"${offer.price_per_hour:.2f}/h > max ${req.max_price_per_hour:.2f}/h"
     if req.regions and offer.region not in req.regions:
         return f"region {offer.region} not in {req.regions}"
@@ -80,8 +79,13 @@ def place(
     excluded = excluded or set()
     rejected: dict[str, str] = {}
     fits: list[tuple[float, float, Offer]] = []
+    if requirements.providers:
+        for name in requirements.providers:
+            if name not in providers:
+                rejected[name] = "not a configured provider"
     for name, provider in providers.items():
         if requirements.providers and name not in requirements.providers:
+            rejected[name] = "provider not allowed by the job"
             continue
         try:
             health = provider.health()

@@ -65,7 +65,13 @@ def alive(info: dict[str, Any]) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie answers kill(0) but has exited: where nobody reaps orphans (no init in a
+    # container), a finished command would otherwise look alive until its deadline.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
 
 
 def kill(info: dict[str, Any], grace_seconds: float = 2.0) -> None:

@@ -258,15 +258,11 @@ def test_provider_filter_keeps_other_providers_out(providers) -> None:  # type: 
         _place(providers, providers=["local"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: place() skips providers outside requirements.providers without "
-                                       "a reason; rejection()'s 'provider not allowed by the job' is unreachable")
 def test_provider_filter_reason_is_reported(providers) -> None:  # type: ignore[no-untyped-def]
     placement = _place(providers, kind="command", spec={"command": ["x"]}, providers=["sandbox"])
     assert any("not allowed" in reason for key, reason in placement.rejected.items() if key.startswith("local"))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a job restricted to an unconfigured provider fails with "
-                                       "'no provider offers this kind of job'")
 def test_unknown_provider_in_filter_is_named_in_no_placement(providers) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(NoPlacement) as err:
         _place(providers, kind="command", spec={"command": ["x"]}, providers=["nowhere"])
@@ -286,3 +282,10 @@ def test_priority_overrides_kind(kind: str) -> None:
 
 def test_provider_queue_name() -> None:
     assert provider_queue("sandbox") == "p.sandbox"
+
+
+def test_max_hourly_price_does_not_reject_per_token_billing(providers) -> None:  # type: ignore[no-untyped-def]
+    placement = _place(providers, kind="inference", spec={"model": "m", "prompt": "p"}, max_price_per_hour=0.10)
+    assert placement.offer.offer_id == "tokens"  # $5/h listed, but inference there is billed per token
+    with pytest.raises(NoPlacement, match=r"\$1.29/h > max \$0.10/h"):
+        _place(providers, kind="training", gpu=["A100"], max_price_per_hour=0.10)

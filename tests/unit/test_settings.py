@@ -119,8 +119,6 @@ def test_explicit_psycopg_and_sqlite_urls_are_kept(tmp_path: Path, monkeypatch: 
     assert load_settings().database_url == f"sqlite:///{tmp_path}/other.db"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: settings.py _check_database_url rejects postgres:// before its "
-                                       "normalisation branch can run")
 def test_postgres_scheme_alias_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
     # Heroku/Fly-style URLs use postgres://; the validator means to rewrite them but refuses them first.
     monkeypatch.setenv("GPUFLEET_DATABASE_URL", "postgres://u@db:5432/x")
@@ -207,10 +205,8 @@ def test_empty_providers_file_means_no_providers(tmp_path: Path, monkeypatch: py
 
 @pytest.mark.parametrize(("name", "text"), [
     ("providers.yaml", "providers:\n  sandbox: 3\n"),
-    pytest.param("providers.yaml", "- just\n- a list\n", marks=pytest.mark.xfail(
-        strict=True, raises=AttributeError, reason="bug: settings.py _load_providers_file calls .get on a list")),
-    pytest.param("providers.yaml", "just a sentence\n", marks=pytest.mark.xfail(
-        strict=True, raises=AttributeError, reason="bug: settings.py _load_providers_file calls .get on a str")),
+    ("providers.yaml", "- just\n- a list\n"),
+    ("providers.yaml", "just a sentence\n"),
     ("providers.toml", "providers = 1\n"),
     ("providers.toml", "[providers\n"),
 ])
