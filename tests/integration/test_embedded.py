@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import free_port, wait_healthy
 
 
 def _embedded_env(tmp_path: Path) -> dict[str, str]:
@@ -29,17 +22,11 @@ def _embedded_env(tmp_path: Path) -> dict[str, str]:
 def test_gpufleet_up_serves_the_api_and_runs_jobs_then_stops_on_sigint(tmp_path: Path) -> None:
     from orchestrator.sdk import Client
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "up", "--port", str(port)],
                             env=_embedded_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}")
         key = (tmp_path / "data" / "local-api-key").read_text().strip()
         assert oct((tmp_path / "data" / "local-api-key").stat().st_mode & 0o777) == "0o600"
         with Client(f"http://127.0.0.1:{port}", key) as client:
@@ -57,7 +44,7 @@ def test_job_submitted_while_no_worker_runs_is_picked_up_later(tmp_path: Path) -
     from orchestrator.sdk import Client
 
     env = _embedded_env(tmp_path)
-    port = _free_port()
+    port = free_port()
     api = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "api", "--port", str(port)], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     worker = None
@@ -65,13 +52,7 @@ def test_job_submitted_while_no_worker_runs_is_picked_up_later(tmp_path: Path) -
         keyed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "keys", "create", "solo"], env=env,
                                capture_output=True, text=True, check=True)
         key = keyed.stdout.strip()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health")
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}")
         with Client(f"http://127.0.0.1:{port}", key) as client:
             job = client.submit("command", {"command": ["echo", "late"]})
             time.sleep(0.5)

@@ -7,11 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import redis
+
+from .conftest import free_port, wait_healthy
 
 KEY = "up-test-key-" + "u" * 24
 
@@ -21,9 +21,7 @@ def test_up_runs_the_configured_stack_and_stops_its_children(database_url: str, 
 
     url = "redis://127.0.0.1:6379/10"
     redis.Redis.from_url(url).flushdb()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
     env.update({"GPUFLEET_DATABASE_URL": database_url, "GPUFLEET_BROKER_URL": url,
                 "GPUFLEET_DATA_DIR": str(tmp_path), "GPUFLEET_BOOTSTRAP_API_KEYS": f"up:{KEY}",
@@ -32,14 +30,7 @@ def test_up_runs_the_configured_stack_and_stops_its_children(database_url: str, 
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "up", "--port", str(port), "--concurrency", "2"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}")
         with Client(f"http://127.0.0.1:{port}", KEY) as client:
             job = client.wait(client.submit("command", {"command": ["echo", "up"]}).id, timeout=60)
         assert job.status.value == "succeeded" and job.result["stdout"] == "up\n"

@@ -257,3 +257,8 @@ def test_prompt_becomes_a_user_message_and_a_restored_handle_does_not_call_again
     assert request["path"] == "/v1/chat/completions"  # trailing slash in the base URL is tolerated
     assert request["body"]["messages"] == [{"role": "user", "content": "say hi"}]
     assert "Authorization" not in request["headers"]  # no key configured, none sent
+
+
+def test_training_runs_locally_only_with_a_command(local: LocalProvider) -> None:
+    assert "training" not in local.offers(Requirements(), "training", {"base_model": "m"})[0].kinds
+    assert "training" in local.offers(Requirements(), "training", {"command": ["x"]})[0].kinds
