@@ -77,11 +77,13 @@ class EmbeddedStack:
         self._spawn(self._worker.start, "gpufleet-worker")
 
     def _sweep_forever(self) -> None:
+        from orchestrator.services.reaper import reap
         from orchestrator.services.sweeper import sweep
 
         while not self._stop.wait(self.settings.sweep_interval_seconds):
             try:
                 sweep()
+                reap()
             except Exception:
                 log.exception("sweep failed")
 

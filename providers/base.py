@@ -122,10 +122,18 @@ class RunStatus(BaseModel):
 
 
 class ExternalResource(BaseModel):
+    """Something a provider holds for us, as its own listing shows it (for the reaper)."""
+
     provider: str
     external_id: str
     label: str
+    offer_id: str = ""
     created_at: float | None = None
+    price_per_hour: float = 0.0
+
+    def as_lease(self) -> Lease:
+        return Lease(provider=self.provider, offer_id=self.offer_id, external_id=self.external_id, label=self.label,
+                     price_per_hour=self.price_per_hour, reserved_at=self.created_at or 0.0)
 
 
 class Health(BaseModel):
@@ -142,10 +150,13 @@ class Provider:
     """
 
     kind: ClassVar[ProviderKind]
+    # How long reserve + start may take before the sweeper presumes the executor lost.
+    default_start_timeout: ClassVar[float] = 120.0
 
     def __init__(self, name: str, config: dict[str, Any] | None = None) -> None:
         self.name = name
         self.config = config or {}
+        self.start_timeout = float(self.config.get("start_timeout", self.default_start_timeout))
 
     def offers(self, req: Requirements, kind: str, spec: dict[str, Any]) -> list[Offer]:
         """Offers that could run this job; placement filters and ranks them."""

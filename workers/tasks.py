@@ -6,7 +6,7 @@ import uuid
 
 from celery import Task, shared_task
 
-from orchestrator.services import messaging, pipeline, sweeper
+from orchestrator.services import messaging, pipeline, reaper, sweeper
 
 
 @shared_task(name=messaging.DISPATCH, bind=True)
@@ -32,4 +32,4 @@ def release(job_id: str) -> None:
 
 @shared_task(name=messaging.SWEEP)
 def sweep() -> dict[str, int]:
-    return dict(sweeper.sweep())
+    return {**sweeper.sweep(), "reaped": reaper.reap()}

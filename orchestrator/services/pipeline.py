@@ -180,14 +180,14 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     if job is None or job.status != S.placing or job.attempt != attempt or not job.placement:
         return
     offer = Offer(**job.placement["offer"])
+    provider = get_providers().get(job.provider or "")
     with session_scope() as s:
         claimed = transition(s, job_id, expected=S.placing, attempt=attempt, to=S.running, actor=actor,
                              reason=f"starting on {offer_key(offer)}",
                              values={"started_at": utcnow(), "released_at": None, "run_handle": None,
-                                     "next_check_at": _grace(settings, 60)})
+                                     "next_check_at": _grace(settings, provider.start_timeout if provider else 0)})
     if not claimed:
         return
-    provider = get_providers().get(job.provider or "")
     if provider is None:
         _fail(job, f"provider {job.provider!r} is no longer configured", actor, transient=True)
         return

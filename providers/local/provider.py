@@ -32,6 +32,7 @@ from providers.local import processes
 
 class LocalProvider(Provider):
     kind: ClassVar[ProviderKind] = ProviderKind.local
+    default_start_timeout: ClassVar[float] = 10.0
 
     def __init__(self, name: str = "local", config: dict[str, Any] | None = None) -> None:
         super().__init__(name, config)

@@ -60,7 +60,7 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
-    def _locked(self) -> Iterator[dict[str, dict[str, float]]]:
+    def _locked(self) -> Iterator[dict[str, dict[str, dict[str, Any]]]]:
         with open(self.path.with_suffix(".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -72,20 +72,21 @@ class Ledger:
             tmp.write_text(json.dumps(state))
             tmp.replace(self.path)
 
-    def take(self, offer_id: str, lease_id: str, capacity: int) -> bool:
+    def take(self, offer_id: str, lease_id: str, capacity: int, label: str = "", price_per_hour: float = 0.0) -> bool:
         with self._locked() as state:
             leases = state.setdefault(offer_id, {})
             if lease_id in leases:
                 return True
             if len(leases) >= capacity:
                 return False
-            leases[lease_id] = time.time()
+            # The label is what the provider stores for us: the reaper matches it against jobs.
+            leases[lease_id] = {"at": time.time(), "label": label, "price_per_hour": price_per_hour}
             return True
 
     def give_back(self, offer_id: str, lease_id: str) -> None:
         with self._locked() as state:
             state.get(offer_id, {}).pop(lease_id, None)
 
-    def in_use(self) -> dict[str, dict[str, float]]:
+    def in_use(self) -> dict[str, dict[str, dict[str, Any]]]:
         with self._locked() as state:
             return {k: dict(v) for k, v in state.items()}

@@ -34,6 +34,7 @@ from providers.sandbox.market import DEFAULT_OFFERS, Ledger, SandboxOffer
 
 class SandboxProvider(Provider):
     kind: ClassVar[ProviderKind] = ProviderKind.marketplace
+    default_start_timeout: ClassVar[float] = 10.0
 
     def __init__(self, name: str = "sandbox", config: dict[str, Any] | None = None) -> None:
         super().__init__(name, config)
@@ -74,15 +75,17 @@ class SandboxProvider(Provider):
         if self._rng(job, offer.offer_id).random() < spec.reserve_failure_rate:
             raise NoCapacity(f"sandbox offer {offer.offer_id} was taken by someone else")
         lease_id = f"sbx-{uuid.uuid4().hex[:12]}"
-        if not self.ledger.take(offer.offer_id, lease_id, spec.capacity):
+        label = f"gpufleet-{job.job_id}-{job.attempt}"
+        # Usage-priced offers bill per token, reported by poll(); their rented time is free.
+        price = 0.0 if _usage_priced(spec, job.kind) else spec.price_per_hour
+        if not self.ledger.take(offer.offer_id, lease_id, spec.capacity, label, price):
             raise NoCapacity(f"sandbox offer {offer.offer_id} is full ({spec.capacity} slots rented)")
         return Lease(
             provider=self.name,
             offer_id=offer.offer_id,
             external_id=lease_id,
-            label=f"gpufleet-{job.job_id}-{job.attempt}",
-            # Usage-priced offers bill per token, reported by poll(); their rented time is free.
-            price_per_hour=0.0 if _usage_priced(spec, job.kind) else spec.price_per_hour,
+            label=label,
+            price_per_hour=price,
             reserved_at=time.time(),
         )
 
@@ -133,9 +136,11 @@ class SandboxProvider(Provider):
 
     def owned(self) -> list[ExternalResource]:
         return [
-            ExternalResource(provider=self.name, external_id=lease_id, label=offer_id, created_at=at)
+            ExternalResource(provider=self.name, external_id=lease_id, offer_id=offer_id, label=entry["label"],
+                             created_at=entry["at"],
+                             price_per_hour=entry.get("price_per_hour", 0.0))
             for offer_id, leases in self.ledger.in_use().items()
-            for lease_id, at in leases.items()
+            for lease_id, entry in leases.items()
         ]
 
     def health(self) -> Health:

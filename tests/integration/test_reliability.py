@@ -63,3 +63,26 @@ def test_broker_flushed_after_accepting_jobs_loses_none(client, stack, redis_cli
     assert {j.status.value for j in jobs} == {"succeeded"}
     sweeps = [e for j in jobs[:3] for e in client.get(j.id).events if e.actor == "sweeper"] or None
     assert sweeps is None or all(e.to_status in ("queued", "placing") for e in sweeps)
+
+
+def test_orphaned_lease_is_reaped_and_charged_to_its_job(client, stack) -> None:
+    """An executor that died after renting but before recording the run leaves a labelled lease behind."""
+    from providers.base import JobSpec, Requirements
+    from providers.registry import get_providers
+
+    done = client.wait(client.submit("training", {"base_model": "m", "dataset_uri": "d", "max_steps": 1},
+                                     requirements={"gpu": ["A100"]}).id, timeout=30)
+    assert done.status.value == "succeeded"
+    sandbox = get_providers()["sandbox"]  # same state dir as the stack's workers
+    offer = next(o for o in sandbox.offers(Requirements(), "training", {}) if o.offer_id == "a100-us")
+    orphan = sandbox.reserve(offer, JobSpec(job_id=str(done.id), kind="training", attempt=done.attempt,
+                                            spec={}, timeout_seconds=60))
+    assert orphan.external_id in {r.external_id for r in sandbox.owned()}
+    deadline = time.monotonic() + 30
+    while orphan.external_id in {r.external_id for r in sandbox.owned()}:
+        assert time.monotonic() < deadline, "the orphaned lease was never reaped"
+        time.sleep(0.2)
+    job = client.get(done.id)
+    reaped = [e for e in job.events if e.actor == "reaper"]
+    assert len(reaped) == 1 and orphan.external_id in reaped[0].reason
+    assert job.cost > done.cost and job.status.value == "succeeded"
