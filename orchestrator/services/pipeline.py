@@ -23,14 +23,14 @@ from typing import Any
 from sqlalchemy import select, update
 
 from orchestrator.clock import as_utc, utcnow
-from orchestrator.db.engine import rows_changed, session_scope
+from orchestrator.db.engine import rows_changed, session_scope, single_statement
 from orchestrator.db.models import JOBS, Job
 from orchestrator.domain import JobStatus
 from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import offer_key, place
 from orchestrator.scheduling.queues import provider_queue
 from orchestrator.services import messaging
-from orchestrator.services.transitions import record_event, transition
+from orchestrator.services.transitions import advance, record_event
 from orchestrator.settings import Settings, get_settings
 from providers.base import (
     JobSpec,
@@ -80,20 +80,40 @@ class Snapshot:
 
 
 _T = JOBS.c
-_COLUMNS = (Job.id, Job.status, Job.attempt, Job.max_attempts, Job.kind, Job.queue, Job.spec, Job.requirements,
-            Job.timeout_seconds, Job.provider, Job.placement, Job.excluded_offers, Job.run_handle, Job.released_at,
-            Job.started_at, Job.created_at, Job.error)
+_COLUMNS = (
+    Job.id,
+    Job.status,
+    Job.attempt,
+    Job.max_attempts,
+    Job.kind,
+    Job.queue,
+    Job.spec,
+    Job.requirements,
+    Job.timeout_seconds,
+    Job.provider,
+    Job.placement,
+    Job.excluded_offers,
+    Job.run_handle,
+    Job.released_at,
+    Job.started_at,
+    Job.created_at,
+    Job.error,
+)
 
 
 def snapshot(job_id: uuid.UUID) -> Snapshot | None:
-    with session_scope() as s:
-        row = s.execute(select(*(_T[c.key] for c in _COLUMNS)).where(_T.id == job_id)).first()
+    with single_statement() as conn:
+        row = conn.execute(select(*(_T[c.key] for c in _COLUMNS)).where(_T.id == job_id)).first()
     if row is None:
         return None
     values = row._asdict()
-    values.update(status=JobStatus(row.status), excluded_offers=list(row.excluded_offers or []),
-                  released_at=as_utc(row.released_at), started_at=as_utc(row.started_at),
-                  created_at=as_utc(row.created_at))
+    values.update(
+        status=JobStatus(row.status),
+        excluded_offers=list(row.excluded_offers or []),
+        released_at=as_utc(row.released_at),
+        started_at=as_utc(row.started_at),
+        created_at=as_utc(row.created_at),
+    )
     return Snapshot(**values)
 
 
@@ -102,15 +122,22 @@ def _grace(settings: Settings, extra: float = 0.0) -> datetime:
 
 
 def _job_spec(job: Snapshot) -> JobSpec:
-    return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt, spec=job.spec,  # type: ignore[arg-type]
-                   timeout_seconds=job.timeout_seconds, env={"GPUFLEET_JOB_ID": str(job.id)})
+    return JobSpec(
+        job_id=str(job.id),
+        kind=job.kind,  # type: ignore[arg-type]
+        attempt=job.attempt,
+        spec=job.spec,
+        timeout_seconds=job.timeout_seconds,
+        env={"GPUFLEET_JOB_ID": str(job.id)},
+    )
 
 
 # --- dispatch -----------------------------------------------------------------------------
 
 
-def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher",
-             serves: Callable[[str], bool] = lambda queue: False) -> None:
+def dispatch(
+    job_id: uuid.UUID, attempt: int, actor: str = "dispatcher", serves: Callable[[str], bool] = lambda queue: False
+) -> None:
     """Place a queued job. ``serves(queue)`` says whether this worker also consumes the provider's
     queue; if so the execute step runs here at once instead of costing another broker round trip."""
     settings = get_settings()
@@ -118,27 +145,40 @@ def dispatch(job_id: uuid.UUID, attempt: int, actor: str = "dispatcher",
     if job is None or job.status != S.queued or job.attempt != attempt:
         return
     try:
-        placement = place(get_providers(), job.kind, job.spec, Requirements(**job.requirements),
-                          job.timeout_seconds, set(job.excluded_offers))
+        placement = place(
+            get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, set(job.excluded_offers)
+        )
     except CapacityBusy as exc:
         _wait_for_capacity(job, str(exc), actor)
         return
     except NoPlacement as exc:
         history = f" after trying {', '.join(job.excluded_offers)}" if job.excluded_offers else ""
-        with session_scope() as s:
-            transition(s, job_id, expected=S.queued, attempt=attempt, to=S.failed, actor=actor,
-                       reason=f"{exc}{history}", values={"error": f"{exc}{history}", "next_check_at": None})
-        return
-    with session_scope() as s:
-        moved = transition(
-            s, job_id, expected=S.queued, attempt=attempt, to=S.placing, actor=actor,
-            reason=f"placed: {placement.rationale}",
-            values={"provider": placement.provider, "offer_id": placement.offer.offer_id,
-                    "price_per_hour": placement.offer.price_per_hour, "placement": placement.model_dump(mode="json"),
-                    "next_check_at": _grace(settings)},
-            data={"provider": placement.provider, "offer": placement.offer.offer_id,
-                  "estimated_cost": placement.estimated_cost},
+        advance(
+            job_id,
+            expected=S.queued,
+            attempt=attempt,
+            to=S.failed,
+            actor=actor,
+            reason=f"{exc}{history}",
+            values={"error": f"{exc}{history}", "next_check_at": None},
         )
+        return
+    moved = advance(
+        job_id,
+        expected=S.queued,
+        attempt=attempt,
+        to=S.placing,
+        actor=actor,
+        reason=f"placed: {placement.rationale}",
+        values={
+            "provider": placement.provider,
+            "offer_id": placement.offer.offer_id,
+            "price_per_hour": placement.offer.price_per_hour,
+            "placement": placement.model_dump(mode="json"),
+            "next_check_at": _grace(settings),
+        },
+        data={"provider": placement.provider, "offer": placement.offer.offer_id, "estimated_cost": placement.estimated_cost},
+    )
     if not moved:
         return
     queue = provider_queue(placement.provider)
@@ -153,18 +193,26 @@ def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
     settings = get_settings()
     waited = (utcnow() - job.created_at).total_seconds() if job.created_at else 0.0
     if waited > job.timeout_seconds:
-        with session_scope() as s:
-            transition(s, job.id, expected=S.queued, attempt=job.attempt, to=S.failed, actor=actor,
-                       reason=f"gave up waiting for capacity after {job.timeout_seconds}s: {reason}",
-                       values={"error": f"no capacity within {job.timeout_seconds}s: {reason}", "next_check_at": None})
+        advance(
+            job.id,
+            expected=S.queued,
+            attempt=job.attempt,
+            to=S.failed,
+            actor=actor,
+            reason=f"gave up waiting for capacity after {job.timeout_seconds}s: {reason}",
+            values={"error": f"no capacity within {job.timeout_seconds}s: {reason}", "next_check_at": None},
+        )
         return
     delay = min(MAX_CAPACITY_RETRY_SECONDS, CAPACITY_RETRY_SECONDS * (1 + waited / 10))
     note = f"waiting for capacity: {reason}"
     with session_scope() as s:
-        moved = rows_changed(s.execute(
-            update(Job).where(Job.id == job.id, Job.status == S.queued.value, Job.attempt == job.attempt)
-            .values(next_check_at=_grace(settings, delay), error=note)
-        ))
+        moved = rows_changed(
+            s.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == S.queued.value, Job.attempt == job.attempt)
+                .values(next_check_at=_grace(settings, delay), error=note)
+            )
+        )
         if moved and job.error != note:  # one event when waiting starts, not one per retry
             record_event(s, job.id, S.queued, S.queued, job.attempt, actor, note)
     if moved:
@@ -181,11 +229,20 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         return
     offer = Offer(**job.placement["offer"])
     provider = get_providers().get(job.provider or "")
-    with session_scope() as s:
-        claimed = transition(s, job_id, expected=S.placing, attempt=attempt, to=S.running, actor=actor,
-                             reason=f"starting on {offer_key(offer)}",
-                             values={"started_at": utcnow(), "released_at": None, "run_handle": None,
-                                     "next_check_at": _grace(settings, provider.start_timeout if provider else 0)})
+    claimed = advance(
+        job_id,
+        expected=S.placing,
+        attempt=attempt,
+        to=S.running,
+        actor=actor,
+        reason=f"starting on {offer_key(offer)}",
+        values={
+            "started_at": utcnow(),
+            "released_at": None,
+            "run_handle": None,
+            "next_check_at": _grace(settings, provider.start_timeout if provider else 0),
+        },
+    )
     if not claimed:
         return
     if provider is None:
@@ -195,15 +252,13 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     try:
         lease = provider.reserve(offer, spec)
     except ProviderError as exc:
-        _fail(job, f"reserve on {offer_key(offer)} failed: {exc}", actor,
-              transient=not isinstance(exc, PermanentProviderError))
+        _fail(job, f"reserve on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
     try:
         handle = provider.start(lease, spec)
     except ProviderError as exc:
         _release_quietly(provider, lease, None)
-        _fail(job, f"start on {offer_key(offer)} failed: {exc}", actor,
-              transient=not isinstance(exc, PermanentProviderError))
+        _fail(job, f"start on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
     # Poll once before recording: work that is already done finishes in this one task.
     running = RunSnapshot(job, started=time.time())
@@ -212,16 +267,23 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         _finish(job, provider, handle, status, actor)
         return
     with session_scope() as s:
-        stored = rows_changed(s.execute(
-            update(Job).where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
-            .values(run_handle=handle.model_dump(mode="json"), updated_at=utcnow(),
-                    next_check_at=_grace(settings, FIRST_POLL_DELAY))
-        ))
+        stored = rows_changed(
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
+                .values(
+                    run_handle=handle.model_dump(mode="json"),
+                    updated_at=utcnow(),
+                    next_check_at=_grace(settings, FIRST_POLL_DELAY),
+                )
+            )
+        )
     if not stored:  # cancelled while we were starting: give the capacity straight back
         _settle_release(job, provider, handle)
         return
-    messaging.send(messaging.POLL, [str(job_id), attempt, FIRST_POLL_DELAY * 2], provider_queue(provider.name),
-                   countdown=FIRST_POLL_DELAY)
+    messaging.send(
+        messaging.POLL, [str(job_id), attempt, FIRST_POLL_DELAY * 2], provider_queue(provider.name), countdown=FIRST_POLL_DELAY
+    )
 
 
 @dataclass(frozen=True)
@@ -264,10 +326,14 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
     status = _observe(provider, handle, RunSnapshot(job, started))
     if status.state == "running":
         with session_scope() as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
-                      .values(next_check_at=_grace(settings, delay)))
-        messaging.send(messaging.POLL, [str(job_id), attempt, min(delay * 2, MAX_POLL_DELAY)],
-                       provider_queue(provider.name), countdown=delay)
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
+                .values(next_check_at=_grace(settings, delay))
+            )
+        messaging.send(
+            messaging.POLL, [str(job_id), attempt, min(delay * 2, MAX_POLL_DELAY)], provider_queue(provider.name), countdown=delay
+        )
         return
     _finish(job, provider, handle, status, actor)
 
@@ -277,22 +343,34 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
     # Usage is billed now; rented time is billed when the capacity is actually given back.
     cost = (status.cost or 0.0) + (_rented_cost(handle.lease) if released else 0.0)
     duration = round(time.time() - handle.started_at, 3)
-    done = {"result": status.result, "duration_seconds": duration, "next_check_at": None,
-            "run_handle": handle.model_dump(mode="json"), "cost": Job.cost + cost,
-            "released_at": utcnow() if released else None}
+    done = {
+        "result": status.result,
+        "duration_seconds": duration,
+        "next_check_at": None,
+        "run_handle": handle.model_dump(mode="json"),
+        "cost": Job.cost + cost,
+        "released_at": utcnow() if released else None,
+    }
     if status.state == "succeeded":
-        with session_scope() as s:
-            moved = transition(s, job.id, expected=S.running, attempt=job.attempt, to=S.succeeded, actor=actor,
-                               reason=f"finished on {handle.provider}/{handle.lease.offer_id} in {duration:.2f}s, "
-                                      f"cost ${cost:.6f}",
-                               values={**done, "error": None})
+        moved = advance(
+            job.id,
+            expected=S.running,
+            attempt=job.attempt,
+            to=S.succeeded,
+            actor=actor,
+            reason=f"finished on {handle.provider}/{handle.lease.offer_id} in {duration:.2f}s, cost ${cost:.6f}",
+            values={**done, "error": None},
+        )
     else:
         moved = _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
     if not moved:
         # Cancelled meanwhile: the capacity is still ours to account for.
         with session_scope() as s:
-            s.execute(update(Job).where(Job.id == job.id, Job.attempt == job.attempt, Job.released_at.is_(None))
-                      .values(run_handle=done["run_handle"], cost=done["cost"], released_at=done["released_at"]))
+            s.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.attempt == job.attempt, Job.released_at.is_(None))
+                .values(run_handle=done["run_handle"], cost=done["cost"], released_at=done["released_at"])
+            )
 
 
 def _rented_cost(lease: Lease) -> float:
@@ -309,18 +387,34 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
     if job.placement:
         excluded.append(offer_key(Offer(**job.placement["offer"])))
     retry = transient and job.attempt < job.max_attempts
-    with session_scope() as s:
-        if retry:
-            moved = transition(
-                s, job.id, expected=S.running, attempt=job.attempt, to=S.queued, actor=actor,
-                reason=f"{reason}; retrying elsewhere (attempt {job.attempt + 1} of {job.max_attempts})",
-                values={**values, "attempt": job.attempt + 1, "excluded_offers": excluded, "result": None,
-                        "next_check_at": _grace(settings), "error": reason},
-            )
-        else:
-            final = reason if not transient else f"{reason}; gave up after {job.attempt} attempts"
-            moved = transition(s, job.id, expected=S.running, attempt=job.attempt, to=S.failed, actor=actor,
-                               reason=final, values={**values, "error": final})
+    if retry:
+        moved = advance(
+            job.id,
+            expected=S.running,
+            attempt=job.attempt,
+            to=S.queued,
+            actor=actor,
+            reason=f"{reason}; retrying elsewhere (attempt {job.attempt + 1} of {job.max_attempts})",
+            values={
+                **values,
+                "attempt": job.attempt + 1,
+                "excluded_offers": excluded,
+                "result": None,
+                "next_check_at": _grace(settings),
+                "error": reason,
+            },
+        )
+    else:
+        final = reason if not transient else f"{reason}; gave up after {job.attempt} attempts"
+        moved = advance(
+            job.id,
+            expected=S.running,
+            attempt=job.attempt,
+            to=S.failed,
+            actor=actor,
+            reason=final,
+            values={**values, "error": final},
+        )
     if moved and retry:
         messaging.send(messaging.DISPATCH, [str(job.id), job.attempt + 1], job.queue)
     return moved
@@ -344,9 +438,16 @@ def _settle_release(job: Snapshot, provider: Provider, handle: RunHandle) -> boo
     if not _release_quietly(provider, handle.lease, handle):
         return False
     with session_scope() as s:
-        s.execute(update(Job).where(Job.id == job.id, Job.released_at.is_(None), Job.attempt == job.attempt)
-                  .values(released_at=utcnow(), cost=Job.cost + _rented_cost(handle.lease), next_check_at=None,
-                          run_handle=handle.model_dump(mode="json")))
+        s.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.released_at.is_(None), Job.attempt == job.attempt)
+            .values(
+                released_at=utcnow(),
+                cost=Job.cost + _rented_cost(handle.lease),
+                next_check_at=None,
+                run_handle=handle.model_dump(mode="json"),
+            )
+        )
     return True
 
 
