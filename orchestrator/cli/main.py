@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -163,7 +164,9 @@ def flower(port: int = 5555, address: str = "0.0.0.0") -> None:
     auth = get_settings().flower_basic_auth
     if ":" not in auth:
         raise UsageError("GPUFLEET_FLOWER_BASIC_AUTH must be set to user:password; Flower is never served open")
-    get_app().start(["flower", f"--port={port}", f"--address={address}", f"--basic-auth={auth}"])
+    # Through Flower's own environment variable, so the password never shows in the process list.
+    os.environ["FLOWER_BASIC_AUTH"] = auth
+    get_app().start(["flower", f"--port={port}", f"--address={address}"])
 
 
 @app.command()

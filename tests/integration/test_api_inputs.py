@@ -79,6 +79,7 @@ def test_health_metrics_and_openapi(stack, client, http) -> None:
     assert done.status.value == "succeeded"
     health = httpx.get(f"{stack.url}/health").json()
     assert health == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert httpx.get(f"{stack.url}/metrics").status_code == 401
     metrics = http.get("/metrics").text
     assert 'gpufleet_jobs{kind="command",queue="default",status="succeeded"}' in metrics
     assert "gpufleet_queue_depth{queue=\"default\"}" in metrics

@@ -1,14 +1,17 @@
-"""/health (no auth: load balancers call it) and /metrics (Prometheus text)."""
+"""/health (no auth: load balancers call it) and /metrics (Prometheus text, behind an API key:
+scrape with `authorization: {credentials: <key>}`)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
 from orchestrator.db.engine import session_scope
 from orchestrator.services.metrics import JobCollector
+
+from ..deps import current_tenant
 
 router = APIRouter(tags=["system"])
 _registry = CollectorRegistry()
@@ -42,6 +45,6 @@ def health() -> JSONResponse:
     return JSONResponse(status_code=200 if ok else 503, content={"status": "ok" if ok else "degraded", **checks})
 
 
-@router.get("/metrics", name="metrics")
+@router.get("/metrics", name="metrics", dependencies=[Depends(current_tenant)])
 def metrics() -> Response:
     return Response(generate_latest(_registry), media_type=CONTENT_TYPE_LATEST)
