@@ -19,6 +19,15 @@ class Conflict(GpufleetError):
     pass
 
 
+class InvalidInput(GpufleetError):
+    """A request that parses but breaks a rule checked at run time (e.g. a configured limit)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
 class InvalidTransition(GpufleetError):
     pass
 

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from orchestrator.errors import Conflict, GpufleetError, InvalidTransition, NotFound
+from orchestrator.errors import Conflict, GpufleetError, InvalidInput, InvalidTransition, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"error": exc.detail}, headers=exc.headers)
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"error": str(exc),
+                                                      "detail": [{"field": exc.field, "reason": exc.reason}]})
 
     @app.exception_handler(GpufleetError)
     async def _known(_: Request, exc: GpufleetError) -> JSONResponse:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.models import Batch, Job, JobEvent
 from orchestrator.domain import BatchOut, JobEventOut, JobOut, JobStatus
-from orchestrator.errors import Conflict, GpufleetError, NotFound
+from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.scheduling.queues import queue_for
 from orchestrator.services.transitions import transition
 from orchestrator.settings import Settings
@@ -101,7 +101,7 @@ def submit_batch(session: Session, tenant_id: uuid.UUID, reqs: list[Any], settin
                  actor: str = "api") -> tuple[uuid.UUID, list[dict[str, Any]], list[Job]]:
     """Insert a batch in one transaction; returns (batch id, new rows, jobs that already existed)."""
     if len(reqs) > settings.max_batch_size:
-        raise GpufleetError(f"a batch holds at most {settings.max_batch_size} jobs, got {len(reqs)}")
+        raise InvalidInput("jobs", f"a batch holds at most {settings.max_batch_size} jobs, got {len(reqs)}")
     keys = [r.idempotency_key for r in reqs if r.idempotency_key]
     if len(keys) != len(set(keys)):
         raise Conflict("idempotency_key values must be unique within a batch")
@@ -153,7 +153,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         at, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
         return datetime.fromisoformat(at), uuid.UUID(job_id)
     except (ValueError, UnicodeDecodeError):
-        raise GpufleetError("cursor is not valid: pass the next_cursor of a previous page") from None
+        raise InvalidInput("cursor", "not valid: pass the next_cursor of a previous page") from None
 
 
 def list_jobs(session: Session, tenant_id: uuid.UUID, *, status: str | None = None, kind: str | None = None,

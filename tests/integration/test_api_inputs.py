@@ -98,3 +98,12 @@ def test_api_keys_are_stored_hashed() -> None:
     with session_scope() as s:
         stored = [k.key_hash for k in s.scalars(select(ApiKey))]
     assert stored and KEY_A not in stored and all(len(h) == 64 for h in stored)
+
+
+def test_runtime_limits_are_422_with_the_field(http, stack) -> None:
+    before = count_jobs()
+    bad_cursor = http.get("/v1/jobs", params={"cursor": "not-a-cursor"})
+    assert bad_cursor.status_code == 422 and bad_cursor.json()["detail"][0]["field"] == "cursor"
+    empty = http.post("/v1/jobs/batch", json={"jobs": []})
+    assert empty.status_code == 422 and empty.json()["detail"][0]["field"] == "jobs"
+    assert count_jobs() == before

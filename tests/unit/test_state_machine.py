@@ -242,3 +242,14 @@ def test_direct_row_insert_and_cancel_only_once(session: Session, tenant_id: uui
     session.commit()
     events = _events(session, job_id)
     assert [(e.from_status, e.to_status, e.attempt) for e in events] == [("running", "cancelled", 3)]
+
+
+def test_batch_over_the_configured_limit_is_refused_before_writing(session: Session, tmp_path: Path) -> None:
+    from orchestrator.errors import InvalidInput
+
+    keys.create_key(session, "t", key="k" * 20)
+    tenant = keys.tenant_for_key(session, "k" * 20)
+    req = job_create_adapter.validate_python({"kind": "command", "spec": {"command": ["true"]}})
+    with pytest.raises(InvalidInput, match="jobs: a batch holds at most 2 jobs, got 3"):
+        jobs.submit_batch(session, tenant.id, [req] * 3, load_settings(data_dir=tmp_path, max_batch_size=2))
+    assert session.scalar(select(func.count()).select_from(Job)) == 0
