@@ -16,7 +16,7 @@ from orchestrator.db.migrate import upgrade
 from orchestrator.db.models import Job, JobEvent, Tenant
 from orchestrator.domain import TERMINAL, JobStatus, job_create_adapter
 from orchestrator.errors import InvalidTransition
-from orchestrator.services import jobs
+from orchestrator.services import jobs, keys
 from orchestrator.services.transitions import ALLOWED, check_allowed, transition
 from orchestrator.settings import load_settings
 
