@@ -13,6 +13,7 @@ from kombu import Queue
 
 from orchestrator.services import messaging
 from orchestrator.settings import CONTROL_QUEUE, QUEUE_NAMES, Settings, get_settings
+from workers import filesystem_broker
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -27,7 +28,8 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("gpufleet", broker=settings.broker_url, backend=settings.result_url or None)
+    app = Celery("gpufleet", broker=filesystem_broker.broker_url(settings.broker_url),
+                 backend=settings.result_url or None)
     transport = _transport_options(settings)
     app.conf.update(
         task_serializer="json",
