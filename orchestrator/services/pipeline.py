@@ -261,8 +261,7 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         _fail(job, f"start on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
     # Poll once before recording: work that is already done finishes in this one task.
-    running = RunSnapshot(job, started=time.time())
-    status = _observe(provider, handle, running)
+    status = _observe(provider, handle, job, started=time.time())
     if status.state != "running":
         _finish(job, provider, handle, status, actor)
         return
@@ -286,25 +285,19 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     )
 
 
-@dataclass(frozen=True)
-class RunSnapshot:
-    job: Snapshot
-    started: float
-
-
 # --- poll ---------------------------------------------------------------------------------
 
 
-def _observe(provider: Provider, handle: RunHandle, run: RunSnapshot) -> RunStatus:
+def _observe(provider: Provider, handle: RunHandle, job: Snapshot, started: float) -> RunStatus:
     try:
         status = provider.poll(handle)
     except TransientProviderError as exc:
-        log.warning("poll of job %s failed transiently: %s", run.job.id, exc)
+        log.warning("poll of job %s failed transiently: %s", job.id, exc)
         status = RunStatus(state="running")
     except ProviderError as exc:
         status = RunStatus(state="failed", error=str(exc), transient=not isinstance(exc, PermanentProviderError))
-    if status.state == "running" and time.time() - run.started > run.job.timeout_seconds:
-        status = RunStatus(state="failed", error=f"exceeded its time limit of {run.job.timeout_seconds}s")
+    if status.state == "running" and time.time() - started > job.timeout_seconds:
+        status = RunStatus(state="failed", error=f"exceeded its time limit of {job.timeout_seconds}s")
     return status
 
 
@@ -323,7 +316,7 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
         return
     handle = RunHandle(**job.run_handle)
     started = job.started_at.timestamp() if job.started_at else handle.started_at
-    status = _observe(provider, handle, RunSnapshot(job, started))
+    status = _observe(provider, handle, job, started)
     if status.state == "running":
         with session_scope() as s:
             s.execute(

@@ -9,11 +9,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import insert, literal, select, update
+from sqlalchemy import insert, update
 from sqlalchemy.orm import Session
 
 from orchestrator.clock import utcnow
-from orchestrator.db.engine import get_engine, rows_changed, session_scope, single_statement
+from orchestrator.db.engine import rows_changed, session_scope
 from orchestrator.db.models import JOB_EVENTS, JOBS
 from orchestrator.domain import JobStatus
 from orchestrator.errors import InvalidTransition
@@ -34,43 +34,6 @@ def check_allowed(current: JobStatus, to: JobStatus) -> None:
         raise InvalidTransition(f"a job cannot go from {current.value} to {to.value}")
 
 
-def _prepare(
-    job_id: uuid.UUID, expected: JobStatus, attempt: int, to: JobStatus, values: dict[str, Any] | None
-) -> tuple[Any, dict[str, Any]]:
-    check_allowed(expected, to)
-    now = utcnow()
-    fields = dict(values or {})
-    if to.terminal:
-        fields.setdefault("finished_at", now)
-    guarded = (
-        update(JOBS)
-        .where(JOBS.c.id == job_id, JOBS.c.status == expected.value, JOBS.c.attempt == attempt)
-        .values(status=to.value, updated_at=now, **fields)
-    )
-    return guarded, fields
-
-
-def _event_row(
-    job_id: uuid.UUID,
-    from_status: JobStatus | None,
-    to: JobStatus,
-    attempt: int,
-    actor: str,
-    reason: str,
-    data: dict[str, Any] | None,
-) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "at": utcnow(),
-        "from_status": from_status.value if from_status else None,
-        "to_status": to.value,
-        "attempt": attempt,
-        "actor": actor,
-        "reason": reason,
-        "data": data,
-    }
-
-
 def transition(
     session: Session,
     job_id: uuid.UUID,
@@ -82,50 +45,28 @@ def transition(
     reason: str = "",
     values: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
-    event_attempt: int | None = None,
 ) -> bool:
     """Move the job if it is still ``expected`` at ``attempt``. False means someone else moved it first."""
-    guarded, fields = _prepare(job_id, expected, attempt, to, values)
+    check_allowed(expected, to)
+    now = utcnow()
+    fields = dict(values or {})
+    if to.terminal:
+        fields.setdefault("finished_at", now)
+    guarded = (
+        update(JOBS)
+        .where(JOBS.c.id == job_id, JOBS.c.status == expected.value, JOBS.c.attempt == attempt)
+        .values(status=to.value, updated_at=now, **fields)
+    )
     if rows_changed(session.execute(guarded)) != 1:
         return False
-    record_event(session, job_id, expected, to, event_attempt or fields.get("attempt", attempt), actor, reason, data)
+    record_event(session, job_id, expected, to, fields.get("attempt", attempt), actor, reason, data)
     return True
 
 
-def advance(
-    job_id: uuid.UUID,
-    *,
-    expected: JobStatus,
-    attempt: int,
-    to: JobStatus,
-    actor: str,
-    reason: str = "",
-    values: dict[str, Any] | None = None,
-    data: dict[str, Any] | None = None,
-) -> bool:
-    """``transition`` in a transaction of its own — the hot path of every pipeline step.
-
-    On Postgres the guarded update and its event are one statement
-    (``WITH moved AS (UPDATE … RETURNING id) INSERT INTO job_events SELECT …``) run in
-    autocommit: one round trip instead of four, and still atomic.
-    """
-    engine = get_engine()
-    if engine.dialect.name != "postgresql":
-        with session_scope() as s:
-            return transition(
-                s, job_id, expected=expected, attempt=attempt, to=to, actor=actor, reason=reason, values=values, data=data
-            )
-    guarded, fields = _prepare(job_id, expected, attempt, to, values)
-    moved = guarded.returning(JOBS.c.id).cte("moved")
-    event = _event_row(job_id, expected, to, fields.get("attempt", attempt), actor, reason, data)
-    columns = [c for c in event if c != "job_id"]
-    statement = insert(JOB_EVENTS).from_select(
-        ["job_id", *columns],
-        select(moved.c.id, *(literal(event[c], JOB_EVENTS.c[c].type) for c in columns)),
-    )
-    # Count returned rows: the driver reports no rowcount for DML inside a CTE.
-    with single_statement() as conn:
-        return len(conn.execute(statement.returning(JOB_EVENTS.c.job_id)).all()) == 1
+def advance(job_id: uuid.UUID, **kwargs: Any) -> bool:
+    """``transition`` in a transaction of its own: each pipeline step moves the job once."""
+    with session_scope() as s:
+        return transition(s, job_id, **kwargs)
 
 
 def record_event(
@@ -138,4 +79,6 @@ def record_event(
     reason: str,
     data: dict[str, Any] | None = None,
 ) -> None:
-    session.execute(insert(JOB_EVENTS).values(**_event_row(job_id, from_status, to, attempt, actor, reason, data)))
+    session.execute(insert(JOB_EVENTS).values(
+        job_id=job_id, at=utcnow(), from_status=from_status.value if from_status else None, to_status=to.value,
+        attempt=attempt, actor=actor, reason=reason, data=data))
