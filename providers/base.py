@@ -59,8 +59,10 @@ class Requirements(BaseModel):
     gpu_count: int = Field(default=0, ge=0, le=64, description="0 means no GPU is needed.")
     min_gpu_memory_gb: float | None = Field(default=None, gt=0)
     max_price_per_hour: float | None = Field(default=None, gt=0)
-    regions: list[str] | None = None
+    min_reliability: float | None = Field(default=None, ge=0, le=1, description="Marketplace host reliability, 0..1.")
+    regions: list[str] | None = Field(default=None, description="Region codes, country codes or continents (EU, NA, AS…).")
     providers: list[str] | None = Field(default=None, description="Only these providers.")
+    interruptible: bool | None = Field(default=None, description="True: spot/bid capacity is allowed; False: on-demand only.")
 
     def needs_gpu(self) -> bool:
         return self.gpu_count > 0 or bool(self.gpu) or self.min_gpu_memory_gb is not None
@@ -78,6 +80,9 @@ class Offer(BaseModel):
     capacity: int = 1
     reliability: float = 1.0
     kinds: list[str] = Field(default_factory=list)
+    interruptible: bool = False
+    # Provider-specific facts the adapter needs again at reserve time (ask id, bid, GPU type id…).
+    data: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobSpec(BaseModel):
@@ -88,7 +93,11 @@ class JobSpec(BaseModel):
     attempt: int
     spec: dict[str, Any]
     timeout_seconds: int
+    # GPUFLEET_JOB_ID, GPUFLEET_CALLBACK_URL, GPUFLEET_JOB_TOKEN, GPUFLEET_ARTIFACT_URI…: what the run needs to report.
     env: dict[str, str] = Field(default_factory=dict)
+    # The reservation's label: the adapter must store it on whatever it rents (instance label, pod name, tag),
+    # because the reaper finds our resources by it.
+    label: str = ""
 
 
 class Lease(BaseModel):
@@ -119,6 +128,8 @@ class RunStatus(BaseModel):
     transient: bool = False
     # Usage-priced work (model APIs) reports its own cost; rented time is priced by the caller.
     cost: float | None = None
+    # The capacity is still booting (image pull, host start): not yet billed as active.
+    provisioning: bool = False
 
 
 class ExternalResource(BaseModel):
@@ -141,6 +152,9 @@ class Health(BaseModel):
     detail: str = ""
 
 
+LABEL_PREFIX = "gpufleet-"
+
+
 class Provider:
     """Base class for adapters. Methods must return quickly: waiting is the caller's job.
 
@@ -152,11 +166,16 @@ class Provider:
     kind: ClassVar[ProviderKind]
     # How long reserve + start may take before the sweeper presumes the executor lost.
     default_start_timeout: ClassVar[float] = 120.0
+    # How long rented capacity may stay booting before poll gives up on it (bad hosts hang here).
+    default_provisioning_timeout: ClassVar[float] = 300.0
+    # True if owned() lists every lease this provider holds for us, so a lease missing from it is gone.
+    lists_all_leases: ClassVar[bool] = False
 
     def __init__(self, name: str, config: dict[str, Any] | None = None) -> None:
         self.name = name
         self.config = config or {}
         self.start_timeout = float(self.config.get("start_timeout", self.default_start_timeout))
+        self.provisioning_timeout = float(self.config.get("provisioning_timeout", self.default_provisioning_timeout))
 
     def offers(self, req: Requirements, kind: str, spec: dict[str, Any]) -> list[Offer]:
         """Offers that could run this job; placement filters and ranks them."""
@@ -175,6 +194,7 @@ class Provider:
         raise NotImplementedError
 
     def owned(self) -> list[ExternalResource]:
+        """Everything the provider holds whose label starts with ``LABEL_PREFIX``."""
         return []
 
     def health(self) -> Health:

@@ -70,7 +70,7 @@ class LocalProvider(Provider):
             provider=self.name,
             offer_id=offer.offer_id,
             external_id=f"local-{uuid.uuid4().hex[:12]}",
-            label=f"gpufleet-{job.job_id}-{job.attempt}",
+            label=job.label,
             price_per_hour=0.0,
             reserved_at=time.time(),
         )

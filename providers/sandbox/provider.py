@@ -35,6 +35,7 @@ from providers.sandbox.market import DEFAULT_OFFERS, Ledger, SandboxOffer
 class SandboxProvider(Provider):
     kind: ClassVar[ProviderKind] = ProviderKind.marketplace
     default_start_timeout: ClassVar[float] = 10.0
+    lists_all_leases: ClassVar[bool] = True
 
     def __init__(self, name: str = "sandbox", config: dict[str, Any] | None = None) -> None:
         super().__init__(name, config)
@@ -75,7 +76,7 @@ class SandboxProvider(Provider):
         if self._rng(job, offer.offer_id).random() < spec.reserve_failure_rate:
             raise NoCapacity(f"sandbox offer {offer.offer_id} was taken by someone else")
         lease_id = f"sbx-{uuid.uuid4().hex[:12]}"
-        label = f"gpufleet-{job.job_id}-{job.attempt}"
+        label = job.label or f"gpufleet-{job.job_id}-{job.attempt}"
         # Usage-priced offers bill per token, reported by poll(); their rented time is free.
         price = 0.0 if _usage_priced(spec, job.kind) else spec.price_per_hour
         if not self.ledger.take(offer.offer_id, lease_id, spec.capacity, label, price):

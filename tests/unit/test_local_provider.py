@@ -35,7 +35,7 @@ def local(tmp_path: Path) -> LocalProvider:
 def job(spec: dict[str, Any], kind: str = "command", job_id: str = "job-1", attempt: int = 1,
         timeout: int = 30, env: dict[str, str] | None = None) -> JobSpec:
     return JobSpec(job_id=job_id, kind=kind, attempt=attempt, spec=spec, timeout_seconds=timeout,  # type: ignore[arg-type]
-                   env=env or {})
+                   env=env or {}, label=f"gpufleet-{job_id}-{attempt}")
 
 
 def start(provider: LocalProvider, spec: JobSpec) -> tuple[Lease, RunHandle]:
@@ -98,7 +98,7 @@ def test_declared_gpus_are_offered(tmp_path: Path) -> None:
     assert "inference" in offer.kinds
 
 
-def test_lease_is_labelled_with_job_and_attempt(local: LocalProvider) -> None:
+def test_lease_carries_the_reservation_label(local: LocalProvider) -> None:
     spec = job({"command": "true"}, job_id="abc", attempt=2)
     lease = local.reserve(local.offers(Requirements(), "command", spec.spec)[0], spec)
     assert lease.label == "gpufleet-abc-2" and lease.price_per_hour == 0.0 and lease.provider == "local"
