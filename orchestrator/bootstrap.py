@@ -21,6 +21,22 @@ def prepare_database(settings: Settings) -> None:
     if settings.bootstrap_api_keys:
         with session_scope() as s:
             keys.bootstrap(s, settings.bootstrap_api_keys)
+    sync_configured_budgets(settings)
+
+
+def sync_configured_budgets(settings: Settings) -> None:
+    """Limits from configuration win over earlier ones: the config file is the operator's source of truth."""
+    from orchestrator.services import budgets
+    from providers.registry import provider_budgets
+
+    wanted = {("provider", name): limits for name, limits in provider_budgets(settings).items()}
+    if settings.monthly_budget is not None or settings.max_cost_per_hour is not None:
+        wanted[("global", "")] = (settings.monthly_budget, settings.max_cost_per_hour)
+    if not wanted:
+        return
+    with session_scope() as s:
+        for (scope, key), (monthly, hourly) in wanted.items():
+            budgets.set_budget(s, scope, key, monthly, hourly)
 
 
 def local_key_path(settings: Settings) -> Path:

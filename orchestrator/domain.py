@@ -184,6 +184,7 @@ class JobOut(BaseModel):
     offer_id: str | None = None
     price_per_hour: float | None = None
     placement: dict[str, Any] | None = None
+    reservation_id: uuid.UUID | None = None
     cost: float = 0.0
     duration_seconds: float | None = None
     created_at: datetime

@@ -8,6 +8,7 @@ With nothing set, gpufleet runs embedded: a SQLite file and a filesystem broker 
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from functools import lru_cache
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
     result_url: str = ""
     api_url: str = "http://127.0.0.1:8000"
     api_key: str = ""
+    # The API's address as rented instances reach it (they report outcomes there); defaults to api_url.
+    callback_url: str = ""
+    # Where instances write artifacts and checkpoints (s3://bucket/prefix, or a path); optional.
+    artifact_base_uri: str = ""
 
     # "tenant:key" pairs created at start-up so a fresh stack is usable without a CLI step.
     bootstrap_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -67,6 +72,11 @@ class Settings(BaseSettings):
     # A non-terminal job whose next check is this overdue is re-published by the sweeper.
     sweep_interval_seconds: float = Field(default=10.0, gt=0)
     sweep_grace_seconds: float = Field(default=30.0, ge=0)
+
+    # Global hard limits in USD (per calendar month, and per hour of capacity held at once); unset: none.
+    # Per-provider limits are the providers' `monthly_budget` / `max_cost_per_hour`; tenants set their own.
+    monthly_budget: float | None = Field(default=None, ge=0)
+    max_cost_per_hour: float | None = Field(default=None, ge=0)
 
     max_payload_bytes: int = Field(default=1_048_576, ge=1024)
     max_batch_size: int = Field(default=10_000, ge=1)
@@ -142,8 +152,19 @@ class Settings(BaseSettings):
         if self.providers_file:
             configs = _load_providers_file(self.providers_file)
         for name, overrides in self.providers.items():
-            configs.setdefault(name, {}).update(overrides)
+            configs.setdefault(name, {}).update({key: _env_value(value) for key, value in overrides.items()})
         return configs
+
+
+def _env_value(value: Any) -> Any:
+    """An override from the environment as the JSON value it spells ("0" → 0, "true" → True), else the
+    string itself; pydantic-settings versions differ in whether they decode nested values."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _load_providers_file(path: Path) -> dict[str, dict[str, Any]]:

@@ -6,7 +6,7 @@ import uuid
 
 from celery import Task, shared_task
 
-from orchestrator.services import messaging, pipeline, reaper, sweeper
+from orchestrator.services import messaging, pipeline, reaper, reservation_requests, reservations, sweeper
 
 
 @shared_task(name=messaging.DISPATCH, bind=True)
@@ -28,6 +28,26 @@ def poll(job_id: str, attempt: int, delay: float = pipeline.FIRST_POLL_DELAY) ->
 @shared_task(name=messaging.RELEASE)
 def release(job_id: str) -> None:
     pipeline.release(uuid.UUID(job_id))
+
+
+@shared_task(name=messaging.RELEASE_RESERVATION)
+def release_reservation(reservation_id: str) -> None:
+    reservations.release(uuid.UUID(reservation_id), reason="released by the sweeper")
+
+
+@shared_task(name=messaging.PLACE_RESERVATION)
+def place_reservation(reservation_id: str) -> None:
+    reservation_requests.place_request(uuid.UUID(reservation_id))
+
+
+@shared_task(name=messaging.PROVISION_RESERVATION)
+def provision_reservation(reservation_id: str) -> None:
+    reservation_requests.provision(uuid.UUID(reservation_id))
+
+
+@shared_task(name=messaging.WATCH_RESERVATION)
+def watch_reservation(reservation_id: str) -> None:
+    reservation_requests.watch(uuid.UUID(reservation_id))
 
 
 @shared_task(name=messaging.SWEEP)

@@ -118,6 +118,14 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The reservation of the current attempt (the capacity this attempt rents or runs on).
+    reservation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # Run on this existing reservation instead of renting new capacity.
+    use_reservation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # The outcome a rented instance reported to the callback, for the attempt in it; secrets never stored:
+    # only the hash of the job-scoped callback token.
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    callback_token_hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class JobEvent(Base):
@@ -134,6 +142,101 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
+class Reservation(Base):
+    """Rented capacity, recorded before the provider is called and kept after it is given back.
+
+    ``requested → provisioning → active → releasing → released | failed``. The label is what the
+    provider stores on the resource; the reaper matches provider listings against it. The budget
+    hold (``hold_amount`` on the budgets in ``held_on``) is taken with the row and settled, with the
+    real cost, exactly once when the row reaches ``released`` or ``failed``.
+    """
+
+    __tablename__ = "reservations"
+    __table_args__ = (
+        Index("ix_reservations_state_next_check", "state", "next_check_at"),
+        Index("ix_reservations_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    job_attempt: Mapped[int | None] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(100), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    offer_id: Mapped[str | None] = mapped_column(String(200))
+    offer: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    lease: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    price_per_hour: Mapped[float] = mapped_column(Float, default=0.0)
+    gpu: Mapped[str | None] = mapped_column(String(100))
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    # What a standalone reservation asked for (POST /v1/reservations); None for a job's own capacity.
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    duration_seconds: Mapped[int | None] = mapped_column(Integer)
+    hold_amount: Mapped[float] = mapped_column(Float, default=0.0)
+    held_on: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    hold_period: Mapped[str | None] = mapped_column(String(7))
+    usage_cost: Mapped[float] = mapped_column(Float, default=0.0)
+    cost: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text)
+    next_check_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+    active_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Budget(Base):
+    """A spending limit on everything (global), one provider, or one tenant.
+
+    ``monthly_limit`` caps spend plus holds in a calendar month (UTC); ``hourly_limit`` caps the
+    burn rate — the summed $/h of capacity held at once."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (UniqueConstraint("scope", "scope_key"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    scope: Mapped[str] = mapped_column(String(16))
+    scope_key: Mapped[str] = mapped_column(String(100), default="")
+    monthly_limit: Mapped[float | None] = mapped_column(Float)
+    hourly_limit: Mapped[float | None] = mapped_column(Float)
+    rate_held: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+class BudgetPeriod(Base):
+    """The ledger of one budget in one month: settled spend and outstanding holds."""
+
+    __tablename__ = "budget_periods"
+
+    budget_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("budgets.id", ondelete="CASCADE"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    spent: Mapped[float] = mapped_column(Float, default=0.0)
+    held: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class CostEntry(Base):
+    """One settled charge. ``source`` is unique, so a replayed settlement cannot charge twice."""
+
+    __tablename__ = "cost_entries"
+    __table_args__ = (Index("ix_cost_entries_tenant_at", "tenant_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(200), unique=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default(), index=True)
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tenants.id", ondelete="SET NULL"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    reservation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    provider: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    amount: Mapped[float] = mapped_column(Float)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
 # Core tables for hot-path statements (the ORM's bulk-update bookkeeping costs more than the SQL).
 JOBS: Table = Job.__table__  # type: ignore[assignment]
 JOB_EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
+RESERVATIONS: Table = Reservation.__table__  # type: ignore[assignment]

@@ -16,6 +16,10 @@ EXECUTE = "gpufleet.execute"
 POLL = "gpufleet.poll"
 RELEASE = "gpufleet.release"
 SWEEP = "gpufleet.sweep"
+RELEASE_RESERVATION = "gpufleet.release_reservation"
+PLACE_RESERVATION = "gpufleet.place_reservation"
+PROVISION_RESERVATION = "gpufleet.provision_reservation"
+WATCH_RESERVATION = "gpufleet.watch_reservation"
 
 
 def _app() -> Any:

@@ -13,9 +13,11 @@ step applies are plain selects; the guarded update that follows is the real chec
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,15 +29,14 @@ from orchestrator.db.engine import rows_changed, session_scope, single_statement
 from orchestrator.db.models import JOBS, Job
 from orchestrator.domain import JobStatus
 from orchestrator.errors import CapacityBusy, NoPlacement
-from orchestrator.scheduling.placement import offer_key, place
+from orchestrator.scheduling.placement import Placement, offer_key, place
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import messaging
-from orchestrator.services.transitions import advance, record_event
+from orchestrator.services import budgets, messaging, reports, reservations
+from orchestrator.services.budgets import OverBudget
+from orchestrator.services.transitions import advance, record_event, transition
 from orchestrator.settings import Settings, get_settings
 from providers.base import (
     JobSpec,
-    Lease,
-    NotYetReleased,
     Offer,
     PermanentProviderError,
     Provider,
@@ -77,6 +78,9 @@ class Snapshot:
     started_at: datetime | None
     created_at: datetime | None
     error: str | None
+    tenant_id: uuid.UUID
+    reservation_id: uuid.UUID | None
+    report: dict[str, Any] | None
 
 
 _T = JOBS.c
@@ -98,6 +102,9 @@ _COLUMNS = (
     Job.started_at,
     Job.created_at,
     Job.error,
+    Job.tenant_id,
+    Job.reservation_id,
+    Job.report,
 )
 
 
@@ -121,15 +128,24 @@ def _grace(settings: Settings, extra: float = 0.0) -> datetime:
     return utcnow() + timedelta(seconds=settings.sweep_grace_seconds + extra)
 
 
-def _job_spec(job: Snapshot) -> JobSpec:
-    return JobSpec(
-        job_id=str(job.id),
-        kind=job.kind,  # type: ignore[arg-type]
-        attempt=job.attempt,
-        spec=job.spec,
-        timeout_seconds=job.timeout_seconds,
-        env={"GPUFLEET_JOB_ID": str(job.id)},
-    )
+def _job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
+    """What the provider runs. The env is what a job on a rented instance needs to report back;
+    the token is scoped to this job and attempt, and only its hash is stored."""
+    settings = get_settings()
+    base = (settings.callback_url or settings.api_url).rstrip("/")
+    env = {
+        "GPUFLEET_JOB_ID": str(job.id),
+        "GPUFLEET_ATTEMPT": str(job.attempt),
+        "GPUFLEET_RESERVATION": label,
+        "GPUFLEET_CALLBACK_URL": f"{base}/v1/jobs/{job.id}/report",
+        "GPUFLEET_JOB_TOKEN": token,
+    }
+    if settings.artifact_base_uri:
+        env["GPUFLEET_ARTIFACT_URI"] = f"{settings.artifact_base_uri.rstrip('/')}/{job.id}/{job.attempt}/"
+    if job.spec.get("checkpoint_uri"):
+        env["GPUFLEET_CHECKPOINT_URI"] = str(job.spec["checkpoint_uri"])
+    return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt, spec=job.spec,  # type: ignore[arg-type]
+                   timeout_seconds=job.timeout_seconds, env=env, label=label)
 
 
 # --- dispatch -----------------------------------------------------------------------------
@@ -140,7 +156,6 @@ def dispatch(
 ) -> None:
     """Place a queued job. ``serves(queue)`` says whether this worker also consumes the provider's
     queue; if so the execute step runs here at once instead of costing another broker round trip."""
-    settings = get_settings()
     job = snapshot(job_id)
     if job is None or job.status != S.queued or job.attempt != attempt:
         return
@@ -163,29 +178,70 @@ def dispatch(
             values={"error": f"{exc}{history}", "next_check_at": None},
         )
         return
-    moved = advance(
-        job_id,
-        expected=S.queued,
-        attempt=attempt,
-        to=S.placing,
-        actor=actor,
-        reason=f"placed: {placement.rationale}",
-        values={
-            "provider": placement.provider,
-            "offer_id": placement.offer.offer_id,
-            "price_per_hour": placement.offer.price_per_hour,
-            "placement": placement.model_dump(mode="json"),
-            "next_check_at": _grace(settings),
-        },
-        data={"provider": placement.provider, "offer": placement.offer.offer_id, "estimated_cost": placement.estimated_cost},
-    )
-    if not moved:
+    chosen = _hold_and_record(job, placement, actor)
+    if chosen is None:
         return
+    placement = chosen
     queue = provider_queue(placement.provider)
     if serves(queue):
         execute(job_id, attempt)
     else:
         messaging.send(messaging.EXECUTE, [str(job_id), attempt], queue)
+
+
+class _Stale(Exception):
+    """The job moved while we were placing it: undo the hold and the reservation row."""
+
+
+def _hold_and_record(job: Snapshot, placement: Placement, actor: str) -> Placement | None:
+    """Walk the candidates best first; the first whose budget hold fits is placed, with its
+    reservation row and the job's move to ``placing`` in the same transaction."""
+    settings = get_settings()
+    over: dict[str, str] = {}
+    can_wait = False
+    limits: dict[str, list[Any]] = {}
+    with session_scope() as s:
+        for index, candidate in enumerate(placement.candidates):
+            amount, rate = reservations.hold_for(candidate.offer, job.kind, candidate.estimated_cost, job.timeout_seconds)
+            provider = candidate.offer.provider
+            if provider not in limits:
+                limits[provider] = budgets.applicable(s, job.tenant_id, provider)
+            try:
+                # A savepoint only where a hold can fail and must be undone (it costs two round trips).
+                with s.begin_nested() if limits[provider] else nullcontext():
+                    rid = reservations.open_reservation(s, tenant_id=job.tenant_id, offer=candidate.offer, amount=amount,
+                                                        rate=rate, job_id=job.id, job_attempt=job.attempt,
+                                                        limits=limits[provider])
+                    chosen = placement.choose(index, over)
+                    if not transition(
+                        s, job.id, expected=S.queued, attempt=job.attempt, to=S.placing, actor=actor,
+                        reason=f"placed: {chosen.rationale}",
+                        values={
+                            "provider": chosen.provider,
+                            "offer_id": chosen.offer.offer_id,
+                            "price_per_hour": chosen.offer.price_per_hour,
+                            "placement": chosen.model_dump(mode="json"),
+                            "reservation_id": rid,
+                            "next_check_at": _grace(settings),
+                        },
+                        data={"provider": chosen.provider, "offer": chosen.offer.offer_id, "reservation": str(rid),
+                              "estimated_cost": chosen.estimated_cost, "budget_hold": amount},
+                    ):
+                        raise _Stale
+                return chosen
+            except OverBudget as exc:
+                over[offer_key(candidate.offer)] = str(exc)
+                can_wait = can_wait or exc.can_wait
+            except _Stale:
+                s.rollback()
+                return None
+    detail = "; ".join(f"{k}: {v}" for k, v in over.items())
+    if can_wait:
+        _wait_for_capacity(job, f"budget: {detail}", actor)
+    else:
+        advance(job.id, expected=S.queued, attempt=job.attempt, to=S.failed, actor=actor,
+                reason=f"over budget: {detail}", values={"error": f"over budget: {detail}", "next_check_at": None})
+    return None
 
 
 def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
@@ -225,39 +281,46 @@ def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
 def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     settings = get_settings()
     job = snapshot(job_id)
-    if job is None or job.status != S.placing or job.attempt != attempt or not job.placement:
+    if job is None or job.status != S.placing or job.attempt != attempt or not job.placement or not job.reservation_id:
         return
     offer = Offer(**job.placement["offer"])
     provider = get_providers().get(job.provider or "")
-    claimed = advance(
-        job_id,
-        expected=S.placing,
-        attempt=attempt,
-        to=S.running,
-        actor=actor,
-        reason=f"starting on {offer_key(offer)}",
-        values={
-            "started_at": utcnow(),
-            "released_at": None,
-            "run_handle": None,
-            "next_check_at": _grace(settings, provider.start_timeout if provider else 0),
-        },
-    )
+    rid = job.reservation_id
+    token = secrets.token_urlsafe(24)
+    with session_scope() as s:
+        claimed = transition(
+            s, job_id, expected=S.placing, attempt=attempt, to=S.running, actor=actor,
+            reason=f"starting on {offer_key(offer)}",
+            values={
+                "started_at": utcnow(),
+                "released_at": None,
+                "run_handle": None,
+                "report": None,
+                "callback_token_hash": reports.token_hash(token),
+                "next_check_at": _grace(settings, provider.start_timeout if provider else 0),
+            },
+        )
+        # The reservation says "provisioning" before the provider is asked: nothing is rented unrecorded.
+        if claimed and not reservations.mark_provisioning(s, rid):
+            s.rollback()  # its reservation was already given up (swept): leave the job to the sweeper
+            claimed = False
     if not claimed:
         return
     if provider is None:
+        reservations.fail(rid, f"provider {job.provider!r} is no longer configured")
         _fail(job, f"provider {job.provider!r} is no longer configured", actor, transient=True)
         return
-    spec = _job_spec(job)
+    spec = _job_spec(job, reservations.label_for(rid), token)
     try:
         lease = provider.reserve(offer, spec)
     except ProviderError as exc:
+        reservations.fail(rid, f"reserve failed: {exc}")
         _fail(job, f"reserve on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
     try:
         handle = provider.start(lease, spec)
     except ProviderError as exc:
-        _release_quietly(provider, lease, None)
+        reservations.release(rid, None, reason=f"start failed: {exc}", lease=lease)
         _fail(job, f"start on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
     # Poll once before recording: work that is already done finishes in this one task.
@@ -265,6 +328,8 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     if status.state != "running":
         _finish(job, provider, handle, status, actor)
         return
+    if not status.provisioning:
+        handle.data["active"] = True
     with session_scope() as s:
         stored = rows_changed(
             s.execute(
@@ -277,8 +342,11 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
                 )
             )
         )
+        # The lease goes on the reservation with the run handle: until then the label is what finds it.
+        if stored:
+            reservations.record_lease(s, rid, lease, active=not status.provisioning)
     if not stored:  # cancelled while we were starting: give the capacity straight back
-        _settle_release(job, provider, handle)
+        reservations.release(rid, handle, reason="the job ended while its capacity was starting", lease=lease)
         return
     messaging.send(
         messaging.POLL, [str(job_id), attempt, FIRST_POLL_DELAY * 2], provider_queue(provider.name), countdown=FIRST_POLL_DELAY
@@ -293,12 +361,20 @@ def _observe(provider: Provider, handle: RunHandle, job: Snapshot, started: floa
         status = provider.poll(handle)
     except TransientProviderError as exc:
         log.warning("poll of job %s failed transiently: %s", job.id, exc)
-        status = RunStatus(state="running")
+        status = RunStatus(state="running", provisioning=not handle.data.get("active", False))
     except ProviderError as exc:
         status = RunStatus(state="failed", error=str(exc), transient=not isinstance(exc, PermanentProviderError))
     if status.state == "running" and time.time() - started > job.timeout_seconds:
         status = RunStatus(state="failed", error=f"exceeded its time limit of {job.timeout_seconds}s")
     return status
+
+
+def _reported(job: Snapshot) -> RunStatus | None:
+    """The outcome the run reported to our callback for this attempt, if any: it beats the instance's state."""
+    report = job.report
+    if not report or report.get("attempt") != job.attempt or report.get("state") not in ("succeeded", "failed"):
+        return None
+    return RunStatus(state=report["state"], result=report.get("result"), error=report.get("error"))
 
 
 def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor: str = "poller") -> None:
@@ -316,14 +392,27 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
         return
     handle = RunHandle(**job.run_handle)
     started = job.started_at.timestamp() if job.started_at else handle.started_at
-    status = _observe(provider, handle, job, started)
+    status = _reported(job) or _observe(provider, handle, job, started)
+    if status.state == "running" and job.reservation_id and handle.lease.price_per_hour > 0:
+        why = reservations.stop_reason(job.reservation_id, poll_margin_seconds=min(delay * 2, MAX_POLL_DELAY) + 1)
+        if why:
+            status = RunStatus(state="failed", error=why)
     if status.state == "running":
+        became_active = not status.provisioning and not handle.data.get("active")
+        if became_active:
+            handle.data["active"] = True
         with session_scope() as s:
+            values: dict[str, Any] = {"next_check_at": _grace(settings, delay)}
+            if became_active:
+                values["run_handle"] = handle.model_dump(mode="json")
             s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == S.running.value, Job.attempt == attempt)
-                .values(next_check_at=_grace(settings, delay))
+                .values(**values)
             )
+            if became_active and job.reservation_id:
+                reservations.move(s, job.reservation_id, (reservations.PROVISIONING,), reservations.ACTIVE,
+                                  active_at=utcnow())
         messaging.send(
             messaging.POLL, [str(job_id), attempt, min(delay * 2, MAX_POLL_DELAY)], provider_queue(provider.name), countdown=delay
         )
@@ -332,42 +421,29 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
 
 
 def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunStatus, actor: str) -> None:
-    released = _release_quietly(provider, handle.lease, handle)
-    # Usage is billed now; rented time is billed when the capacity is actually given back.
-    cost = (status.cost or 0.0) + (_rented_cost(handle.lease) if released else 0.0)
+    """Release first (which settles the cost onto the job), then record the outcome."""
+    if job.reservation_id:
+        reservations.release(job.reservation_id, handle, reason=status.error or "", lease=handle.lease,
+                             usage_cost=status.cost or 0.0)
     duration = round(time.time() - handle.started_at, 3)
     done = {
         "result": status.result,
         "duration_seconds": duration,
         "next_check_at": None,
         "run_handle": handle.model_dump(mode="json"),
-        "cost": Job.cost + cost,
-        "released_at": utcnow() if released else None,
     }
     if status.state == "succeeded":
-        moved = advance(
+        advance(
             job.id,
             expected=S.running,
             attempt=job.attempt,
             to=S.succeeded,
             actor=actor,
-            reason=f"finished on {handle.provider}/{handle.lease.offer_id} in {duration:.2f}s, cost ${cost:.6f}",
+            reason=f"finished on {handle.provider}/{handle.lease.offer_id} in {duration:.2f}s",
             values={**done, "error": None},
         )
     else:
-        moved = _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
-    if not moved:
-        # Cancelled meanwhile: the capacity is still ours to account for.
-        with session_scope() as s:
-            s.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.attempt == job.attempt, Job.released_at.is_(None))
-                .values(run_handle=done["run_handle"], cost=done["cost"], released_at=done["released_at"])
-            )
-
-
-def _rented_cost(lease: Lease) -> float:
-    return round(lease.price_per_hour * max(0.0, time.time() - lease.reserved_at) / 3600, 8)
+        _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
 
 
 def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None) -> bool:
@@ -416,41 +492,10 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
 # --- release ------------------------------------------------------------------------------
 
 
-def _release_quietly(provider: Provider, lease: Lease, handle: RunHandle | None) -> bool:
-    try:
-        provider.release(lease, handle)
-        return True
-    except NotYetReleased:
-        return False
-    except ProviderError as exc:
-        log.warning("release of %s on %s failed: %s; the sweeper will retry", lease.external_id, provider.name, exc)
-        return False
-
-
-def _settle_release(job: Snapshot, provider: Provider, handle: RunHandle) -> bool:
-    if not _release_quietly(provider, handle.lease, handle):
-        return False
-    with session_scope() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.released_at.is_(None), Job.attempt == job.attempt)
-            .values(
-                released_at=utcnow(),
-                cost=Job.cost + _rented_cost(handle.lease),
-                next_check_at=None,
-                run_handle=handle.model_dump(mode="json"),
-            )
-        )
-    return True
-
-
 def release(job_id: uuid.UUID) -> bool:
     """Give back the capacity of a job that no longer needs it and settle its cost. Idempotent."""
     job = snapshot(job_id)
-    if job is None or job.run_handle is None or job.released_at is not None or job.status == S.running:
+    if job is None or job.reservation_id is None or job.released_at is not None or job.status == S.running:
         return True
-    provider = get_providers().get(job.provider or "")
-    if provider is None:
-        log.error("job %s holds capacity on unknown provider %r", job_id, job.provider)
-        return False
-    return _settle_release(job, provider, RunHandle(**job.run_handle))
+    handle = RunHandle(**job.run_handle) if job.run_handle else None
+    return reservations.release(job.reservation_id, handle, reason=f"job {job.status.value}")
