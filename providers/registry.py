@@ -14,6 +14,8 @@ from providers.base import Provider
 ADAPTERS: dict[str, str] = {
     "local": "providers.local:LocalProvider",
     "sandbox": "providers.sandbox:SandboxProvider",
+    "vastai": "providers.vastai:VastAIProvider",
+    "runpod": "providers.runpod:RunPodProvider",
 }
 
 
@@ -26,6 +28,9 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         config: dict[str, Any] = dict(raw)
         if config.pop("enabled", True) in (False, "false", "0"):
             continue
+        # Budget keys are the orchestrator's (synced into the budgets table), not the adapter's.
+        config.pop("monthly_budget", None)
+        config.pop("max_cost_per_hour", None)
         adapter = str(config.pop("type", name))
         if adapter not in ADAPTERS:
             raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} has unknown type {adapter!r} "
@@ -39,6 +44,20 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} config is invalid: {exc}".splitlines()[0]) from None
     return providers
+
+
+def provider_budgets(settings: Settings) -> dict[str, tuple[float | None, float | None]]:
+    """(monthly, hourly) USD limits declared in provider configs."""
+    out: dict[str, tuple[float | None, float | None]] = {}
+    for name, config in settings.provider_configs().items():
+        monthly, hourly = config.get("monthly_budget"), config.get("max_cost_per_hour")
+        if monthly is None and hourly is None:
+            continue
+        try:
+            out[name] = (float(monthly) if monthly is not None else None, float(hourly) if hourly is not None else None)
+        except (TypeError, ValueError):
+            raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} monthly_budget/max_cost_per_hour must be numbers") from None
+    return out
 
 
 _cache: dict[str, dict[str, Provider]] = {}

@@ -1,0 +1,68 @@
+"""GraphQL text for RunPod: the SDK pastes our values between double quotes without escaping them,
+so every string we hand it goes through ``literal`` first, and the one mutation the SDK lacks
+(interruptible pods) is written here in the SDK's own style."""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def literal(value: object) -> str:
+    """The inside of a GraphQL string literal for ``value``: quotes, backslashes, newlines and other
+    control characters escaped; non-ASCII as \\u escapes, which every GraphQL parser reads."""
+    return json.dumps(str(value), ensure_ascii=True)[1:-1]
+
+
+def escaped_env(env: dict[str, str]) -> dict[str, str]:
+    """Env keys and values ready for the SDK's ``{ key: "…", value: "…" }`` pasting."""
+    return {literal(key): literal(value) for key, value in env.items()}
+
+
+def price(value: float) -> str:
+    """A bid as a GraphQL float, rounded up to 4 decimals so rounding never bids below the quote."""
+    return f"{math.ceil(value * 10_000 - 1e-9) / 10_000:.4f}"
+
+
+def interruptible_pod_mutation(
+    *,
+    name: str,
+    image: str,
+    gpu_type_id: str,
+    cloud_type: str,
+    gpu_count: int,
+    bid_per_gpu: float,
+    container_disk_gb: int,
+    volume_gb: int,
+    docker_args: str,
+    env: dict[str, str],
+    country_code: str | None = None,
+    ports: str | None = None,
+) -> str:
+    """``podRentInterruptable``: the spot twin of the SDK's ``podFindAndDeployOnDemand``.
+    Takes raw values and escapes them itself."""
+    fields = [
+        f"bidPerGpu: {price(bid_per_gpu)}",
+        f'name: "{literal(name)}"',
+        f'imageName: "{literal(image)}"',
+        f'gpuTypeId: "{literal(gpu_type_id)}"',
+        f"cloudType: {cloud_type}",
+        f"gpuCount: {int(gpu_count)}",
+        f"volumeInGb: {int(volume_gb)}",
+        f"containerDiskInGb: {int(container_disk_gb)}",
+        "minVcpuCount: 1",
+        "minMemoryInGb: 1",
+        "startSsh: true",
+        "supportPublicIp: true",
+        f'dockerArgs: "{literal(docker_args)}"',
+    ]
+    if country_code:
+        fields.append(f'countryCode: "{literal(country_code)}"')
+    if ports:
+        fields.append(f'ports: "{literal(ports.replace(" ", ""))}"')
+    pairs = ", ".join(f'{{ key: "{literal(k)}", value: "{literal(v)}" }}' for k, v in env.items())
+    fields.append(f"env: [{pairs}]")
+    return (
+        "mutation {\n  podRentInterruptable(\n    input: {\n      " + ", ".join(fields) + "\n    }\n  ) {\n"
+        "    id\n    imageName\n    env\n    machineId\n    costPerHr\n    machine {\n      podHostId\n    }\n  }\n}\n"
+    )
