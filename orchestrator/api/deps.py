@@ -35,5 +35,6 @@ def current_tenant(
         return tenant.id
 
 
+bearer_scheme = Depends(_bearer)
 TenantDep = Annotated[uuid.UUID, Depends(current_tenant)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

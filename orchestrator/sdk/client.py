@@ -161,6 +161,41 @@ class Client:
             time.sleep(poll_interval)
         return [done[j] for j in order]
 
+    # --- reservations, costs and budgets ----------------------------------------------------
+
+    def reserve(self, gpu: str | builtins.list[str], *, duration_seconds: int, gpu_count: int = 1,
+                max_price_per_hour: float | None = None, provider: str = "auto",
+                fallback_providers: builtins.list[str] | None = None, **options: Any) -> dict[str, Any]:
+        """Reserve GPUs for a duration; the request waits in the queue until capacity fits."""
+        body: dict[str, Any] = {"gpu": [gpu] if isinstance(gpu, str) else gpu, "gpu_count": gpu_count,
+                                "duration_seconds": duration_seconds, "provider": provider,
+                                "fallback_providers": fallback_providers or [], **options}
+        if max_price_per_hour is not None:
+            body["max_price_per_hour"] = max_price_per_hour
+        return self._request("POST", "/v1/reservations", json=body)
+
+    def reservation(self, reservation_id: JobId) -> dict[str, Any]:
+        return self._request("GET", f"/v1/reservations/{reservation_id}")
+
+    def reservations(self, state: str | None = None, limit: int = 50) -> builtins.list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"state": state} if state else {})}
+        return self._request("GET", "/v1/reservations", params=params)
+
+    def release_reservation(self, reservation_id: JobId) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/reservations/{reservation_id}")
+
+    def costs(self, since: str | None = None, until: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in (("since", since), ("until", until)) if v}
+        return self._request("GET", "/v1/costs", params=params)
+
+    def budgets(self) -> builtins.list[dict[str, Any]]:
+        return self._request("GET", "/v1/budgets")
+
+    def set_budget(self, monthly_limit: float | None = None, hourly_limit: float | None = None) -> dict[str, Any]:
+        """Cap the caller's own tenant."""
+        return self._request("PUT", "/v1/budgets/tenant",
+                             json={"monthly_limit": monthly_limit, "hourly_limit": hourly_limit})
+
     def health(self) -> dict[str, Any]:
         try:
             response = self._http.get("/health")

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -109,15 +110,23 @@ class Stack:
                 proc.kill()
 
 
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+@contextmanager
+def fresh_database() -> Iterator[str]:
     name = f"gpufleet_test_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -128,31 +137,38 @@ def redis_client() -> redis.Redis:
     return client
 
 
-@pytest.fixture(scope="session")
-def stack(database_url: str, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextmanager
+def launch_stack(data_dir: Path, database_url: str, redis_url: str, providers_yaml: str,
+                 extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """API, worker and beat of our own CLI on ``database_url`` and ``redis_url``; this test process's
+    settings point at the same database while the stack runs (restored afterwards)."""
     from orchestrator.db.engine import reset_engines
     from orchestrator.settings import get_settings
+    from providers.registry import _cache
 
-    data_dir = tmp_path_factory.mktemp("gpufleet-data")
     providers_file = data_dir / "providers.yaml"
-    providers_file.write_text(PROVIDERS_YAML)
+    providers_file.write_text(providers_yaml)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLEET_")}
     env.update({
         "GPUFLEET_DATABASE_URL": database_url,
-        "GPUFLEET_BROKER_URL": REDIS_URL,
+        "GPUFLEET_BROKER_URL": redis_url,
         "GPUFLEET_DATA_DIR": str(data_dir),
         "GPUFLEET_PROVIDERS_FILE": str(providers_file),
         "GPUFLEET_BOOTSTRAP_API_KEYS": f"acme:{KEY_A},globex:{KEY_B}",
         "GPUFLEET_SWEEP_INTERVAL_SECONDS": "1",
         "GPUFLEET_SWEEP_GRACE_SECONDS": "3",
         "GPUFLEET_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     })
+    running = Stack(env, data_dir)
+    env["GPUFLEET_CALLBACK_URL"] = running.url  # rented instances report to this stack's API
     saved = dict(os.environ)
+    os.environ.clear()
     os.environ.update(env)
     get_settings.cache_clear()
     reset_engines()
+    _cache.clear()
     subprocess.run([sys.executable, "-m", "orchestrator.cli", "migrate"], env=env, check=True, capture_output=True)
-    running = Stack(env, data_dir)
     try:
         running.start_api()
         running.start_worker()
@@ -164,6 +180,22 @@ def stack(database_url: str, redis_client: redis.Redis, tmp_path_factory: pytest
         os.environ.update(saved)
         get_settings.cache_clear()
         reset_engines()
+        _cache.clear()
+
+
+@contextmanager
+def isolated_stack(data_dir: Path, redis_db: int, providers_yaml: str, extra_env: dict[str, str]) -> Iterator[Stack]:
+    """A second stack with its own database and Redis DB, so the session stack's workers never see its messages."""
+    redis_url = REDIS_URL.rsplit("/", 1)[0] + f"/{redis_db}"
+    redis.Redis.from_url(redis_url).flushdb()
+    with fresh_database() as url, launch_stack(data_dir, url, redis_url, providers_yaml, extra_env) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stack(database_url: str, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with launch_stack(tmp_path_factory.mktemp("gpufleet-data"), database_url, REDIS_URL, PROVIDERS_YAML) as running:
+        yield running
 
 
 @pytest.fixture()

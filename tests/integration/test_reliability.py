@@ -75,14 +75,21 @@ def test_orphaned_lease_is_reaped_and_charged_to_its_job(client, stack) -> None:
     assert done.status.value == "succeeded"
     sandbox = get_providers()["sandbox"]  # same state dir as the stack's workers
     offer = next(o for o in sandbox.offers(Requirements(), "training", {}) if o.offer_id == "a100-us")
+    assert done.reservation_id is not None  # a released reservation: a second lease under its label is an orphan
     orphan = sandbox.reserve(offer, JobSpec(job_id=str(done.id), kind="training", attempt=done.attempt,
-                                            spec={}, timeout_seconds=60))
+                                            spec={}, timeout_seconds=60, label=f"gpufleet-{done.reservation_id}"))
     assert orphan.external_id in {r.external_id for r in sandbox.owned()}
     deadline = time.monotonic() + 30
     while orphan.external_id in {r.external_id for r in sandbox.owned()}:
         assert time.monotonic() < deadline, "the orphaned lease was never reaped"
         time.sleep(0.2)
-    job = client.get(done.id)
-    reaped = [e for e in job.events if e.actor == "reaper"]
+    # The reaper destroys first and records the charge right after: wait for the record.
+    while True:
+        job = client.get(done.id)
+        reaped = [e for e in job.events if e.actor == "reaper"]
+        if reaped:
+            break
+        assert time.monotonic() < deadline, "the reaped lease was never charged to its job"
+        time.sleep(0.2)
     assert len(reaped) == 1 and orphan.external_id in reaped[0].reason
     assert job.cost > done.cost and job.status.value == "succeeded"

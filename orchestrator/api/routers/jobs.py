@@ -5,14 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, HTTPException, Query, Response
+from fastapi.security import HTTPAuthorizationCredentials
 
 from orchestrator.db.engine import session_scope
 from orchestrator.domain import JOB_KINDS, BatchCreate, JobCreate, JobOut, JobPage, JobStatus
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import jobs, messaging
+from orchestrator.services import jobs, messaging, reports
 
-from ..deps import SettingsDep, TenantDep
+from ..deps import SettingsDep, TenantDep, bearer_scheme
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -71,3 +72,19 @@ def cancel_job(job_id: uuid.UUID, tenant: TenantDep) -> JobOut:
         messaging.send(messaging.RELEASE, [str(out.id)], provider_queue(out.provider))
     return out
 
+
+
+@router.post("/{job_id}/report", status_code=202, name="report_run",
+             responses={401: {"description": "Missing or wrong job token"}, 409: {"description": "Job not running"}})
+def report_run(job_id: uuid.UUID, body: reports.RunReport,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, bearer_scheme]) -> dict[str, object]:
+    """Called by the job on its rented instance, with the job-scoped token from GPUFLEET_JOB_TOKEN
+    (not an API key): the run's outcome, which ends the job at the next poll — sent right away."""
+    if credentials is None:
+        raise HTTPException(401, "missing job token: send 'Authorization: Bearer $GPUFLEET_JOB_TOKEN'")
+    try:
+        provider, attempt = reports.accept(job_id, credentials.credentials, body)
+    except reports.BadToken:
+        raise HTTPException(401, "invalid job token") from None
+    messaging.send(messaging.POLL, [str(job_id), attempt], provider_queue(provider))
+    return {"accepted": True, "attempt": attempt}

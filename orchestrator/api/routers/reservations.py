@@ -1,0 +1,84 @@
+"""/v1/reservations: rent N GPUs for a duration; read them; give them back early."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+
+from orchestrator.clock import as_utc
+from orchestrator.db.engine import session_scope
+from orchestrator.db.models import Reservation
+from orchestrator.scheduling.queues import provider_queue
+from orchestrator.services import messaging, reservation_requests, reservations
+
+from ..deps import TenantDep
+
+router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
+
+
+class ReservationOut(BaseModel):
+    id: uuid.UUID
+    state: str
+    label: str
+    provider: str | None
+    offer_id: str | None
+    external_id: str | None
+    gpu: str | None
+    gpu_count: int
+    price_per_hour: float
+    hold_amount: float
+    cost: float
+    job_id: uuid.UUID | None
+    request: dict[str, Any] | None
+    offer: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    active_at: datetime | None
+    expires_at: datetime | None
+    released_at: datetime | None
+
+
+def _out(row: Reservation) -> ReservationOut:
+    out = ReservationOut.model_validate(row, from_attributes=True)
+    for field in ("created_at", "active_at", "expires_at", "released_at"):
+        setattr(out, field, as_utc(getattr(out, field)))
+    return out
+
+
+@router.post("", status_code=201, response_model=ReservationOut, name="create_reservation")
+def create_reservation(body: reservation_requests.ReservationCreate, tenant: TenantDep) -> ReservationOut:
+    """Reserve capacity; it waits in the queue while nothing fits and is served when capacity appears."""
+    with session_scope() as s:
+        out = _out(reservation_requests.create(s, tenant, body))
+    messaging.send(messaging.PLACE_RESERVATION, [str(out.id)], "default")
+    return out
+
+
+@router.get("", response_model=list[ReservationOut], name="list_reservations")
+def list_reservations(tenant: TenantDep, state: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[ReservationOut]:
+    with session_scope() as s:
+        return [_out(r) for r in reservation_requests.list_for(s, tenant, state, limit)]
+
+
+@router.get("/{reservation_id}", response_model=ReservationOut, name="get_reservation")
+def get_reservation(reservation_id: uuid.UUID, tenant: TenantDep) -> ReservationOut:
+    with session_scope() as s:
+        return _out(reservation_requests.get(s, tenant, reservation_id))
+
+
+@router.delete("/{reservation_id}", response_model=ReservationOut, name="delete_reservation")
+def delete_reservation(reservation_id: uuid.UUID, tenant: TenantDep) -> ReservationOut:
+    """Give the capacity back now; the cost so far is settled when the provider confirms."""
+    with session_scope() as s:
+        out = _out(reservation_requests.cancel(s, tenant, reservation_id))
+    if out.provider is None:  # never placed: nothing to give back but the request itself
+        reservations.release(out.id, reason="deleted by the caller")
+        with session_scope() as s:
+            return _out(reservation_requests.get(s, tenant, reservation_id))
+    messaging.send(messaging.RELEASE_RESERVATION, [str(out.id)], provider_queue(out.provider))
+    return out
