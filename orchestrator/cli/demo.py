@@ -44,6 +44,22 @@ def _mix(client: object) -> list[dict[str, object]]:
     ]
 
 
+DEMO_BUDGET = 25.0
+
+
+def _money_report(client: object) -> None:
+    costs = client.costs()  # type: ignore[attr-defined]
+    mine = next((b for b in client.budgets() if b["scope"] == "tenant"), None)  # type: ignore[attr-defined]
+    by_provider = ", ".join(f"{name} {money(v)}" for name, v in costs["by_provider"].items())
+    by_kind = ", ".join(f"{name} {money(v)}" for name, v in costs["by_kind"].items())
+    console.print("\n[bold]money[/] — every rented slot was a reservation with a budget hold, settled on release")
+    console.print(f"  spend by provider: {by_provider}", highlight=False)
+    console.print(f"  spend by job kind: {by_kind}", highlight=False)
+    if mine:
+        console.print(f"  tenant budget: {money(mine['spent'])} spent, {money(mine['held'])} held "
+                      f"of ${mine['monthly_limit']:.2f} this month", highlight=False)
+
+
 def run_demo(time_scale: float = 1.0) -> None:
     # Configuring one provider replaces the default set, so name both.
     os.environ.setdefault("GPUFLEET_PROVIDERS__LOCAL__ENABLED", "true")
@@ -55,6 +71,8 @@ def run_demo(time_scale: float = 1.0) -> None:
 
     console.print("[bold]gpufleet demo[/] — embedded stack: SQLite + filesystem broker, providers local + sandbox")
     with Client.local() as client:
+        # A hard cap for this tenant: every placement holds price × max duration against it first.
+        client.set_budget(monthly_limit=DEMO_BUDGET)
         batch = client.submit_batch(_mix(client))
         console.print(f"submitted {batch.created} jobs as batch {batch.batch_id} through the HTTP API at {client.url}")
         with Progress(TextColumn("running"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -75,6 +93,7 @@ def run_demo(time_scale: float = 1.0) -> None:
             console.print(f"\n[bold]failover[/] — job {str(failover.id)[:8]} ({failover.kind}, H100):")
             for event in failover.events or []:
                 console.print(f"  {event.from_status or '-':>9} → {event.to_status:<9} {event.reason}", highlight=False)
+        _money_report(client)
         distill = next((j for j in jobs if j.kind == "distillation" and j.result), None)
         if distill is not None:
             pair = distill.result["pairs"][0]  # type: ignore[index]
@@ -87,5 +106,7 @@ def run_demo(time_scale: float = 1.0) -> None:
     console.print("  gpufleet jobs                      the jobs you just ran (they are kept in the local database)")
     if failover is not None:
         console.print(f"  gpufleet job {failover.id}   one job's full event history")
+    console.print("  gpufleet costs / gpufleet budgets  spend by provider, kind and day; hard limits")
+    console.print("  gpufleet offers --gpu A100         offers across every configured marketplace")
     console.print("  gpufleet up                        API at http://127.0.0.1:8000/docs, workers and sweeper")
     console.print("  README.md                          production setup: Postgres + Redis + docker-compose")

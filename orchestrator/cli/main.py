@@ -22,6 +22,8 @@ app = typer.Typer(help="gpufleet: run AI jobs on the cheapest capacity that fits
                   add_completion=False, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="Manage API keys (stored hashed; a key is shown once).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+budgets_app = typer.Typer(help="Hard spending limits: global, per provider, per tenant.", invoke_without_command=True)
+app.add_typer(budgets_app, name="budgets")
 
 
 LONG_QUEUES = {"training", "distillation", "low_priority"}
@@ -289,6 +291,155 @@ def cancel(job_id: str) -> None:
     with _client() as client:
         job = client.cancel(job_id)
     console.print(f"job {job.id} is {job.status.value}")
+
+
+# --- marketplaces, reservations, money ----------------------------------------------------
+
+
+@app.command()
+def offers(
+    gpu: Annotated[list[str] | None, typer.Option(help="Acceptable GPU model (repeatable).")] = None,
+    count: Annotated[int, typer.Option(help="GPUs per offer.")] = 1,
+    max_price: Annotated[float | None, typer.Option(help="Max $/hour.")] = None,
+    region: Annotated[list[str] | None, typer.Option(help="Region, country or continent, e.g. EU, DE, us-east.")] = None,
+    min_reliability: Annotated[float | None, typer.Option()] = None,
+    spot: Annotated[bool | None, typer.Option("--spot/--on-demand", help="Only interruptible / only on-demand.")] = None,
+    kind: Annotated[str, typer.Option(help="Job kind the capacity must run.")] = "training",
+    limit: int = 30,
+) -> None:
+    """Offers across every configured provider, cheapest first (asks the providers directly)."""
+    from orchestrator.services.offers import search
+
+    found, unavailable = search(kind, gpu, count, max_price, region, min_reliability,
+                                None if spot is None else spot)
+    table = Table(header_style="bold")
+    for column in ("provider", "offer", "gpu", "count", "memory", "region", "$/h", "reliability", "spot"):
+        table.add_column(column, justify="right" if column in ("count", "memory", "$/h", "reliability") else "left")
+    for o in found[:limit]:
+        table.add_row(o.provider, o.offer_id, o.gpu or "-", str(o.gpu_count), f"{o.gpu_memory_gb:g} GB", o.region,
+                      f"{o.price_per_hour:.3f}", f"{o.reliability:.3f}", "yes" if o.interruptible else "")
+    console.print(table)
+    console.print(f"{len(found)} offers" + (f" (showing {limit})" if len(found) > limit else ""))
+    for name, why in unavailable.items():
+        err_console.print(f"[yellow]{name}[/]: {why}", highlight=False)
+
+
+@app.command()
+def costs(
+    since: Annotated[str | None, typer.Option(help="ISO date/time, e.g. 2026-11-01.")] = None,
+    until: Annotated[str | None, typer.Option()] = None,
+    all_tenants: Annotated[bool, typer.Option(help="Operator view from the database: every tenant.")] = False,
+) -> None:
+    """Settled spend by provider, tenant, job kind and day."""
+    if all_tenants:
+        from datetime import datetime
+
+        from orchestrator.db.engine import session_scope
+        from orchestrator.services.costs import summary
+
+        def parse(value: str | None, name: str) -> datetime | None:
+            try:
+                return datetime.fromisoformat(value) if value else None
+            except ValueError:
+                raise UsageError(f"--{name} must be an ISO date or date-time, not {value!r}") from None
+
+        with session_scope() as s:
+            report = summary(s, None, parse(since, "since"), parse(until, "until"))
+    else:
+        with _client() as client:
+            report = client.costs(since, until)
+    console.print(f"[bold]total ${report['total']:.4f}[/] over {report['entries']} charges")
+    for group in ("provider", "tenant", "kind", "day"):
+        values = report.get(f"by_{group}") or {}
+        if not values or (group == "tenant" and not all_tenants):
+            continue
+        table = Table(header_style="bold", title=f"by {group}", title_justify="left")
+        table.add_column(group)
+        table.add_column("USD", justify="right")
+        for key, amount in values.items():
+            table.add_row(key, f"{amount:.4f}")
+        console.print(table)
+
+
+@budgets_app.callback()
+def budgets_list(ctx: typer.Context) -> None:
+    """Show every budget with this month's spend and holds."""
+    if ctx.invoked_subcommand:
+        return
+    from orchestrator.bootstrap import prepare_database
+    from orchestrator.db.engine import session_scope
+    from orchestrator.services import budgets
+
+    prepare_database(get_settings())
+    table = Table(header_style="bold")
+    for column in ("scope", "key", "month limit", "spent", "held", "$/h limit", "$/h held"):
+        table.add_column(column)
+    with session_scope() as s:
+        for b in budgets.status(s):
+            table.add_row(b["scope"], b["key"] or "-", _usd(b["monthly_limit"]), f"{b['spent']:.4f}",
+                          f"{b['held']:.4f}", _usd(b["hourly_limit"]), f"{b['rate_held']:.4f}")
+    console.print(table)
+
+
+def _usd(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+@budgets_app.command("set")
+def budgets_set(
+    scope: Annotated[str, typer.Argument(help="global | provider | tenant")],
+    key: Annotated[str, typer.Argument(help="Provider or tenant name (not for global).")] = "",
+    monthly: Annotated[float | None, typer.Option(help="USD per calendar month (UTC).")] = None,
+    hourly: Annotated[float | None, typer.Option(help="USD per hour of capacity held at once.")] = None,
+) -> None:
+    """Set a hard limit (operator; writes the database directly)."""
+    from orchestrator.bootstrap import prepare_database
+    from orchestrator.db.engine import session_scope
+    from orchestrator.services import budgets
+
+    prepare_database(get_settings())
+    with session_scope() as s:
+        budgets.set_budget(s, scope, key, monthly, hourly)
+    console.print(f"{scope} budget{' ' + key if key else ''}: monthly {_usd(monthly)}, hourly {_usd(hourly)}")
+
+
+@app.command()
+def reserve(
+    gpu: Annotated[list[str], typer.Argument(help="Acceptable GPU model(s).")],
+    duration: Annotated[int, typer.Option(help="Seconds to hold the capacity.")] = 3600,
+    count: int = 1,
+    max_price: Annotated[float | None, typer.Option(help="Max $/hour.")] = None,
+    provider: Annotated[str, typer.Option(help="auto, or a provider name.")] = "auto",
+    fallback: Annotated[list[str] | None, typer.Option(help="Fallback provider (repeatable).")] = None,
+) -> None:
+    """Reserve GPUs for a duration (waits in the queue until capacity fits)."""
+    with _client() as client:
+        out = client.reserve(gpu, duration_seconds=duration, gpu_count=count, max_price_per_hour=max_price,
+                             provider=provider, fallback_providers=fallback or [])
+    console.print(f"reservation {out['id']} {out['state']}")
+
+
+@app.command()
+def reservations(state: str | None = None, limit: int = 20) -> None:
+    """List reservations with their state, price and cost."""
+    with _client() as client:
+        rows = client.reservations(state, limit)
+    table = Table(header_style="bold")
+    for column in ("id", "state", "provider/offer", "gpu", "$/h", "held", "cost", "job", "note"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["id"][:8], r["state"], f"{r['provider'] or '-'}/{r['offer_id'] or '-'}",
+                      f"{r['gpu_count']}x {r['gpu'] or '-'}", f"{r['price_per_hour']:.3f}", f"{r['hold_amount']:.4f}",
+                      f"{r['cost']:.4f}", (r["job_id"] or "")[:8], (r["error"] or "")[:60])
+    console.print(table)
+
+
+@app.command("release")
+def release_reservation(reservation_id: str) -> None:
+    """Give a reservation back now."""
+    with _client() as client:
+        out = client.release_reservation(reservation_id)
+    console.print(f"reservation {out['id']} is being released ({out['state']})")
 
 
 def run() -> None:

@@ -32,6 +32,7 @@ def test_demo_runs_on_the_embedded_default_with_no_services(tmp_path: Path) -> N
         assert queue in out
     assert "h100-spot-us was lost mid-job; retrying elsewhere" in out and "sandbox/h100-de" in out
     assert "teacher/student pairs" in out
+    assert "spend by provider: local $0.000000, sandbox $" in out and "of $25.00 this month" in out
     assert (tmp_path / "data" / "gpufleet.db").exists()
     # The jobs stay in the local database for the CLI to show afterwards.
     listed = _gpufleet("jobs", "--limit", "50", env=env)
@@ -81,3 +82,21 @@ def test_keys_create_list_revoke(stack) -> None:  # type: ignore[no-untyped-def]
     revoked = _gpufleet("keys", "revoke", key[:10], env=env)
     assert revoked.returncode == 0, revoked.stderr
     assert httpx.get(f"{stack.url}/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_offers_budgets_and_costs_commands(tmp_path: Path) -> None:
+    env = _embedded_env(tmp_path)
+    offers = _gpufleet("offers", "--gpu", "H100", "--region", "EU", env=env)
+    assert offers.returncode == 0, offers.stderr
+    assert "h100-de" in offers.stdout and "h100-spot-us" not in offers.stdout and "1 offers" in offers.stdout
+    cheap = _gpufleet("offers", "--max-price", "0.45", env=env)
+    assert "rtx4090-se" in cheap.stdout and "a100-us" not in cheap.stdout
+    assert _gpufleet("budgets", "set", "provider", "sandbox", "--monthly", "12.5", env=env).returncode == 0
+    listed = _gpufleet("budgets", env=env)
+    assert "sandbox" in listed.stdout and "12.50" in listed.stdout
+    bad = _gpufleet("budgets", "set", "planet", "x", env=env)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: scope: must be one of global, provider, tenant"
+    bad_date = _gpufleet("costs", "--all-tenants", "--since", "yesterday", env=env)
+    assert bad_date.returncode == 1 and "Traceback" not in bad_date.stderr and "--since" in bad_date.stderr
+    report = _gpufleet("costs", "--all-tenants", env=env)
+    assert report.returncode == 0 and "total $0.0000 over 0 charges" in report.stdout
