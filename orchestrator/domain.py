@@ -115,6 +115,8 @@ class _JobCreateBase(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=20)
     timeout_seconds: int | None = Field(default=None, ge=1, le=7 * 24 * 3600)
     labels: dict[str, str] = Field(default_factory=dict, max_length=50)
+    reservation_id: uuid.UUID | None = Field(
+        default=None, description="Run on this standalone reservation's capacity instead of renting new capacity.")
 
 
 class InferenceJob(_JobCreateBase):
@@ -185,6 +187,7 @@ class JobOut(BaseModel):
     price_per_hour: float | None = None
     placement: dict[str, Any] | None = None
     reservation_id: uuid.UUID | None = None
+    use_reservation_id: uuid.UUID | None = None
     cost: float = 0.0
     duration_seconds: float | None = None
     created_at: datetime

@@ -76,6 +76,7 @@ def upgrade() -> None:
     sa.Column('gpu', sa.String(length=100), nullable=True),
     sa.Column('gpu_count', sa.Integer(), nullable=False),
     sa.Column('request', sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=sa.Text()), 'postgresql'), nullable=True),
+    sa.Column('agent_token_hash', sa.String(length=64), nullable=True),
     sa.Column('duration_seconds', sa.Integer(), nullable=True),
     sa.Column('hold_amount', sa.Float(), nullable=False),
     sa.Column('held_on', sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=sa.Text()), 'postgresql'), nullable=False),
@@ -104,11 +105,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('use_reservation_id', sa.Uuid(), nullable=True))
         batch_op.add_column(sa.Column('report', sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True, astext_type=sa.Text()), 'postgresql'), nullable=True))
         batch_op.add_column(sa.Column('callback_token_hash', sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column('claimed_at', sa.DateTime(timezone=True), nullable=True))
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('claimed_at')
         batch_op.drop_column('callback_token_hash')
         batch_op.drop_column('report')
         batch_op.drop_column('use_reservation_id')

@@ -249,6 +249,7 @@ def submit(
     gpu: Annotated[list[str] | None, typer.Option(help="Acceptable GPU model (repeatable).")] = None,
     max_price: Annotated[float | None, typer.Option(help="Max $/hour.")] = None,
     idempotency_key: str | None = None,
+    reservation: Annotated[str | None, typer.Option(help="Run on this reservation's capacity (see 'gpufleet reserve').")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the result.")] = False,
     timeout: float = 600.0,
 ) -> None:
@@ -260,7 +261,8 @@ def submit(
         requirements["max_price_per_hour"] = max_price
     with _client() as client:
         job = client.submit(kind, _parse_spec(spec, spec_file), priority=priority,
-                            requirements=requirements or None, idempotency_key=idempotency_key)
+                            requirements=requirements or None, idempotency_key=idempotency_key,
+                            reservation_id=reservation)
         console.print(f"submitted job {job.id} ({job.kind}, queue {job.queue})")
         if wait:
             with console.status(f"waiting for job {str(job.id)[:8]}…"):

@@ -126,6 +126,8 @@ class Job(Base):
     # only the hash of the job-scoped callback token.
     report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     callback_token_hash: Mapped[str | None] = mapped_column(String(64))
+    # When the agent on the reservation took this job (jobs on an existing reservation only).
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobEvent(Base):
@@ -173,6 +175,8 @@ class Reservation(Base):
     gpu_count: Mapped[int] = mapped_column(Integer, default=0)
     # What a standalone reservation asked for (POST /v1/reservations); None for a job's own capacity.
     request: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Hash of the token the agent on a standalone reservation's capacity uses to take jobs.
+    agent_token_hash: Mapped[str | None] = mapped_column(String(64))
     duration_seconds: Mapped[int | None] = mapped_column(Integer)
     hold_amount: Mapped[float] = mapped_column(Float, default=0.0)
     held_on: Mapped[list[Any]] = mapped_column(JSONType, default=list)

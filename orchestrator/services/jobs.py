@@ -23,6 +23,7 @@ from orchestrator.db.models import Batch, Job, JobEvent
 from orchestrator.domain import BatchOut, JobEventOut, JobOut, JobStatus
 from orchestrator.errors import Conflict, InvalidInput, NotFound
 from orchestrator.scheduling.queues import queue_for
+from orchestrator.services import agents
 from orchestrator.services.transitions import transition
 from orchestrator.settings import Settings
 
@@ -50,6 +51,7 @@ def _row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime, batc
         "request_hash": request_hash(req),
         "batch_id": batch_id,
         "excluded_offers": [],
+        "use_reservation_id": req.reservation_id,
         "cost": 0.0,
         # If the dispatch message never arrives, the sweeper re-publishes after this.
         "next_check_at": now + timedelta(seconds=settings.sweep_grace_seconds),
@@ -82,6 +84,8 @@ def submit(session: Session, tenant_id: uuid.UUID, req: Any, settings: Settings,
         found = _existing(session, tenant_id, [req.idempotency_key]).get(req.idempotency_key)
         if found:
             return _same_request(found, req), False
+    if req.reservation_id:
+        agents.check_usable(session, tenant_id, req.reservation_id, req.kind, req.spec.model_dump())
     now = utcnow()
     row = _row(tenant_id, req, settings, now, None)
     try:
@@ -105,6 +109,9 @@ def submit_batch(session: Session, tenant_id: uuid.UUID, reqs: list[Any], settin
     keys = [r.idempotency_key for r in reqs if r.idempotency_key]
     if len(keys) != len(set(keys)):
         raise Conflict("idempotency_key values must be unique within a batch")
+    for req in reqs:
+        if req.reservation_id:
+            agents.check_usable(session, tenant_id, req.reservation_id, req.kind, req.spec.model_dump())
     existing = _existing(session, tenant_id, keys)
     now = utcnow()
     batch_id = uuid.uuid4()

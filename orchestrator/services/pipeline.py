@@ -37,6 +37,7 @@ from orchestrator.services.transitions import advance, record_event, transition
 from orchestrator.settings import Settings, get_settings
 from providers.base import (
     JobSpec,
+    Lease,
     Offer,
     PermanentProviderError,
     Provider,
@@ -81,6 +82,7 @@ class Snapshot:
     tenant_id: uuid.UUID
     reservation_id: uuid.UUID | None
     report: dict[str, Any] | None
+    use_reservation_id: uuid.UUID | None
 
 
 _T = JOBS.c
@@ -105,6 +107,7 @@ _COLUMNS = (
     Job.tenant_id,
     Job.reservation_id,
     Job.report,
+    Job.use_reservation_id,
 )
 
 
@@ -128,7 +131,7 @@ def _grace(settings: Settings, extra: float = 0.0) -> datetime:
     return utcnow() + timedelta(seconds=settings.sweep_grace_seconds + extra)
 
 
-def _job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
+def job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
     """What the provider runs. The env is what a job on a rented instance needs to report back;
     the token is scoped to this job and attempt, and only its hash is stored."""
     settings = get_settings()
@@ -159,6 +162,9 @@ def dispatch(
     job = snapshot(job_id)
     if job is None or job.status != S.queued or job.attempt != attempt:
         return
+    if job.use_reservation_id:
+        _bind_to_reservation(job, job.use_reservation_id, actor)
+        return
     try:
         placement = place(
             get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, set(job.excluded_offers)
@@ -187,6 +193,60 @@ def dispatch(
         execute(job_id, attempt)
     else:
         messaging.send(messaging.EXECUTE, [str(job_id), attempt], queue)
+
+
+def _bind_to_reservation(job: Snapshot, rid: uuid.UUID, actor: str) -> None:
+    """A job submitted onto a standalone reservation is not placed: it waits for the reservation to be
+    active, then goes to its provider's queue to be marked running there (nothing new is rented)."""
+    row = reservations.get(rid)
+    if row is None or row.state in (*reservations.FINAL, reservations.RELEASING):
+        why = f"reservation {rid} is {row.state if row else 'gone'}"
+        advance(job.id, expected=S.queued, attempt=job.attempt, to=S.failed, actor=actor, reason=why,
+                values={"error": why, "next_check_at": None})
+        return
+    if row.state != reservations.ACTIVE or not row.lease:
+        _wait_for_capacity(job, f"reservation {row.label} is {row.state}", actor)
+        return
+    offer = Offer(**(row.offer or {}))
+    rationale = f"on reservation {row.label}: {offer_key(offer)} (paid by the reservation)"
+    moved = advance(job.id, expected=S.queued, attempt=job.attempt, to=S.placing, actor=actor, reason=rationale, values={
+        "provider": row.provider, "offer_id": row.offer_id, "price_per_hour": 0.0,
+        "placement": {"provider": row.provider, "offer": offer.model_dump(mode="json"), "estimated_cost": 0.0,
+                      "rationale": rationale, "considered": 1, "rejected": {}},
+        "next_check_at": _grace(get_settings()),
+    })
+    if moved:
+        messaging.send(messaging.EXECUTE, [str(job.id), job.attempt], provider_queue(row.provider or ""))
+
+
+def _run_on_reservation(job: Snapshot, rid: uuid.UUID, actor: str) -> None:
+    """Mark the job running on the reservation's capacity; its agent claims it from there."""
+    row = reservations.get(rid)
+    if row is None or row.state != reservations.ACTIVE or not row.lease:
+        why = f"reservation {rid} is {row.state if row else 'gone'}"
+        advance(job.id, expected=S.placing, attempt=job.attempt, to=S.failed, actor=actor, reason=why,
+                values={"error": why, "next_check_at": None})
+        return
+    lease = Lease(**{k: v for k, v in row.lease.items() if k != "handle"})
+    handle = RunHandle(provider=lease.provider, lease=lease, started_at=time.time(), data={"on_reservation": str(rid)})
+    moved = advance(job.id, expected=S.placing, attempt=job.attempt, to=S.running, actor=actor,
+                    reason=f"waiting for the agent on reservation {row.label}", values={
+                        "started_at": utcnow(), "run_handle": handle.model_dump(mode="json"), "report": None,
+                        "claimed_at": None, "callback_token_hash": None,
+                        "next_check_at": _grace(get_settings(), MAX_POLL_DELAY)})
+    if moved:
+        messaging.send(messaging.POLL, [str(job.id), job.attempt, MAX_POLL_DELAY], provider_queue(lease.provider),
+                       countdown=1.0)
+
+
+def _observe_on_reservation(job: Snapshot, handle: RunHandle, started: float) -> RunStatus:
+    """A job on a reservation is done when its agent reports; it fails if the reservation ends first."""
+    row = reservations.get(uuid.UUID(handle.data["on_reservation"]))
+    if row is None or row.state not in (reservations.PROVISIONING, reservations.ACTIVE):
+        return RunStatus(state="failed", error=f"reservation {handle.lease.label} ended before the job finished")
+    if time.time() - started > job.timeout_seconds:
+        return RunStatus(state="failed", error=f"exceeded its time limit of {job.timeout_seconds}s")
+    return RunStatus(state="running")
 
 
 class _Stale(Exception):
@@ -281,6 +341,9 @@ def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
 def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     settings = get_settings()
     job = snapshot(job_id)
+    if job is not None and job.status == S.placing and job.attempt == attempt and job.use_reservation_id:
+        _run_on_reservation(job, job.use_reservation_id, actor)
+        return
     if job is None or job.status != S.placing or job.attempt != attempt or not job.placement or not job.reservation_id:
         return
     offer = Offer(**job.placement["offer"])
@@ -310,7 +373,7 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         reservations.fail(rid, f"provider {job.provider!r} is no longer configured")
         _fail(job, f"provider {job.provider!r} is no longer configured", actor, transient=True)
         return
-    spec = _job_spec(job, reservations.label_for(rid), token)
+    spec = job_spec(job, reservations.label_for(rid), token)
     try:
         lease = provider.reserve(offer, spec)
     except ProviderError as exc:
@@ -392,7 +455,10 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
         return
     handle = RunHandle(**job.run_handle)
     started = job.started_at.timestamp() if job.started_at else handle.started_at
-    status = _reported(job) or _observe(provider, handle, job, started)
+    if handle.data.get("on_reservation"):
+        status = _reported(job) or _observe_on_reservation(job, handle, started)
+    else:
+        status = _reported(job) or _observe(provider, handle, job, started)
     if status.state == "running" and job.reservation_id and handle.lease.price_per_hour > 0:
         why = reservations.stop_reason(job.reservation_id, poll_margin_seconds=min(delay * 2, MAX_POLL_DELAY) + 1)
         if why:

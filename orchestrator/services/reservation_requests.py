@@ -11,6 +11,7 @@ so it is served when capacity appears, until its ``max_wait_seconds`` runs out.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from datetime import timedelta
@@ -26,10 +27,11 @@ from orchestrator.db.models import Reservation
 from orchestrator.errors import CapacityBusy, Conflict, InvalidInput, NoPlacement, NotFound
 from orchestrator.scheduling.placement import offer_key, place
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import budgets, messaging, reservations
+from orchestrator.services import agents, budgets, messaging, reports, reservations
 from orchestrator.services.budgets import OverBudget
 from orchestrator.settings import get_settings
 from providers.base import JobSpec, Lease, Offer, ProviderError, Requirements, RunHandle
+from providers.instance import agent_command
 from providers.registry import get_providers
 
 log = logging.getLogger(__name__)
@@ -148,11 +150,12 @@ def _wait_or_fail(row: Reservation, reason: str, can_wait: bool) -> None:
 # --- provision --------------------------------------------------------------------------
 
 
-def _keepalive(row: Reservation) -> JobSpec:
-    """What the rented capacity runs while reserved: nothing but staying up for the duration."""
+def _keepalive(row: Reservation, agent_token: str) -> JobSpec:
+    """What the rented capacity runs while reserved: the agent that takes jobs submitted onto it."""
     seconds = int(row.duration_seconds or 60)
-    return JobSpec(job_id=str(row.id), kind=KIND, attempt=1, spec={"command": ["sleep", str(seconds)]},
-                   timeout_seconds=seconds, env={"GPUFLEET_RESERVATION": row.label}, label=row.label)
+    env = {"GPUFLEET_RESERVATION": row.label, **agents.agent_env(row.id, agent_token, seconds)}
+    return JobSpec(job_id=str(row.id), kind=KIND, attempt=1, spec={"command": agent_command()},
+                   timeout_seconds=seconds, env=env, label=row.label)
 
 
 def provision(rid: uuid.UUID) -> None:
@@ -160,14 +163,16 @@ def provision(rid: uuid.UUID) -> None:
     if row is None or row.state != R.REQUESTED or row.provider is None or row.job_id is not None:
         return
     provider = get_providers().get(row.provider)
+    agent_token = secrets.token_urlsafe(24)
     with session_scope() as s:
         if not R.mark_provisioning(s, rid):
             return
+        s.execute(update(Reservation).where(Reservation.id == rid).values(agent_token_hash=reports.token_hash(agent_token)))
     if provider is None:
         R.fail(rid, f"provider {row.provider!r} is no longer configured")
         return
     offer = Offer(**(row.offer or {}))
-    spec = _keepalive(row)
+    spec = _keepalive(row, agent_token)
     try:
         lease = provider.reserve(offer, spec)
     except ProviderError as exc:

@@ -20,6 +20,15 @@ def instance_command(job: JobSpec, default_command: list[str] | str | None = Non
     if not command:
         raise PermanentProviderError(f"{job.kind} jobs on rented instances need a 'command' "
                                      "(or a configured default command for the provider)")
-    source = _WRAPPER.replace("COMMAND = None", f"COMMAND = {command!r}", 1)
+    return _python_line(_WRAPPER.replace("COMMAND = None", f"COMMAND = {command!r}", 1))
+
+
+def agent_command() -> str:
+    """``python3 -c "…"`` that takes the jobs submitted onto a standalone reservation until it ends
+    (GPUFLEET_AGENT_URL / GPUFLEET_AGENT_TOKEN in its env)."""
+    return _python_line(_WRAPPER)
+
+
+def _python_line(source: str) -> str:
     encoded = base64.b64encode(source.encode()).decode()
     return f"python3 -c \"import base64;exec(compile(base64.b64decode('{encoded}'),'gpufleet-wrapper','exec'))\""

@@ -188,3 +188,74 @@ def test_run_report_needs_the_job_token_and_a_running_job(stack, client) -> None
     client.cancel(job.id)
     done = client.get(job.id)
     assert done.status.value == "cancelled" and done.result is None  # nothing a stranger sent was kept
+
+
+def _active_reservation(client, gpu: str = "A100") -> dict:  # type: ignore[type-arg,no-untyped-def]
+    out = client.reserve(gpu, duration_seconds=120, provider="sandbox")
+    deadline = time.monotonic() + 30
+    while (row := client.reservation(out["id"]))["state"] != "active":
+        assert row["state"] in ("requested", "provisioning"), row
+        assert time.monotonic() < deadline, row
+        time.sleep(0.1)
+    return row
+
+
+def test_jobs_run_on_an_existing_reservation_without_renting_more(stack, client) -> None:
+    from orchestrator.db.engine import session_scope
+    from orchestrator.db.models import Reservation
+    from orchestrator.sdk import ValidationError
+
+    row = _active_reservation(client)
+    rented_before = _count_reservations()
+    jobs = [client.submit("command", {"command": f"echo GPUFLEET_RESULT '{{\"n\": {n}}}'; echo on $GPUFLEET_RESERVATION"},
+                          reservation_id=row["id"]) for n in range(3)]
+    done = [client.wait(j.id, timeout=60) for j in jobs]
+    for n, job in enumerate(done):
+        assert job.status.value == "succeeded", job.error
+        assert job.result["n"] == n and f"on {row['label']}" in job.result["stdout"]
+        assert job.provider == "sandbox" and job.reservation_id is None and str(job.use_reservation_id) == row["id"]
+        assert job.cost == 0.0  # the reservation pays for its time
+        assert any(f"on reservation {row['label']}" in e.reason for e in job.events)
+    assert _count_reservations() == rented_before  # nothing new was rented for them
+
+    with pytest.raises(ValidationError) as refused:
+        client.submit("inference", {"model": "m", "prompt": "hi"}, reservation_id=row["id"])
+    assert "spec.command" in str(refused.value)
+    with pytest.raises(ValidationError) as unknown:
+        client.submit("command", {"command": "true"}, reservation_id=str(uuid.uuid4()))
+    assert "reservation_id" in str(unknown.value)
+
+    # A job still running when the reservation ends fails with that reason, and the capacity is settled.
+    slow = client.submit("command", {"command": "sleep 30"}, reservation_id=row["id"])
+    deadline = time.monotonic() + 20
+    while client.get(slow.id).status.value != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.release_reservation(row["id"])
+    ended = client.wait(slow.id, timeout=30)
+    assert ended.status.value == "failed" and "ended before the job finished" in ended.error
+    with session_scope() as s:
+        settled = s.get(Reservation, uuid.UUID(row["id"]))
+        assert settled is not None and settled.state == "released" and settled.cost > 0
+    with pytest.raises(ValidationError):
+        client.submit("command", {"command": "true"}, reservation_id=row["id"])
+
+
+def test_agent_needs_the_reservation_token(stack, client) -> None:
+    import httpx
+
+    row = _active_reservation(client)
+    try:
+        url = f"{stack.url}/v1/reservations/{row['id']}/claim"
+        assert httpx.post(url).status_code == 401
+        assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    finally:
+        client.release_reservation(row["id"])
+
+
+def _count_reservations() -> int:
+    from orchestrator.db.engine import session_scope
+    from orchestrator.db.models import Reservation
+
+    with session_scope() as s:
+        return int(s.scalar(select(func.count()).select_from(Reservation)) or 0)

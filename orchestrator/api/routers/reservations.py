@@ -6,16 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel
 
 from orchestrator.clock import as_utc
 from orchestrator.db.engine import session_scope
 from orchestrator.db.models import Reservation
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import messaging, reservation_requests, reservations
+from orchestrator.services import agents, messaging, reservation_requests, reservations
 
-from ..deps import TenantDep
+from ..deps import TenantDep, bearer_scheme
 
 router = APIRouter(prefix="/v1/reservations", tags=["reservations"])
 
@@ -82,3 +83,21 @@ def delete_reservation(reservation_id: uuid.UUID, tenant: TenantDep) -> Reservat
             return _out(reservation_requests.get(s, tenant, reservation_id))
     messaging.send(messaging.RELEASE_RESERVATION, [str(out.id)], provider_queue(out.provider))
     return out
+
+
+@router.post("/{reservation_id}/claim", name="claim_reservation_job",
+             responses={204: {"description": "No job waiting"}, 401: {"description": "Missing or wrong agent token"},
+                        410: {"description": "The reservation has ended: the agent should exit"}})
+def claim_job(reservation_id: uuid.UUID,
+              credentials: Annotated[HTTPAuthorizationCredentials | None, bearer_scheme]) -> Any:
+    """Called by the agent on a reservation's capacity with GPUFLEET_AGENT_TOKEN (not an API key):
+    the next job submitted onto this reservation, with the env it runs with (its own report token)."""
+    if credentials is None:
+        raise HTTPException(401, "missing agent token: send 'Authorization: Bearer $GPUFLEET_AGENT_TOKEN'")
+    try:
+        job = agents.claim(reservation_id, credentials.credentials)
+    except agents.BadAgentToken:
+        raise HTTPException(401, "invalid agent token") from None
+    except agents.ReservationEnded as exc:
+        raise HTTPException(410, str(exc)) from None
+    return job if job is not None else Response(status_code=204)
