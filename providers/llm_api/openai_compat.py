@@ -1,0 +1,40 @@
+"""Any API speaking OpenAI's chat-completions dialect: OpenAI, OpenRouter, Groq, Together,
+Gemini's OpenAI-compatible endpoint, a self-hosted vLLM… — only ``base_url`` and the key differ."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from providers.llm_api.base import Body, ModelAPIProvider
+
+
+class OpenAICompatibleProvider(ModelAPIProvider):
+    default_base_url: ClassVar[str] = "https://api.openai.com/v1"
+    default_key_env: ClassVar[str] = "OPENAI_API_KEY"
+    health_path: ClassVar[str] = "/models"
+
+    def __init__(self, name: str, config: dict[str, Any] | None = None) -> None:
+        super().__init__(name, config)
+        # OpenAI's reasoning models refuse "max_tokens" and want "max_completion_tokens".
+        self.max_tokens_param = str(self.config.get("max_tokens_param", "max_tokens"))
+
+    def auth_headers(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def chat_request(self, model: str, messages: list[dict[str, str]], spec: dict[str, Any]) -> tuple[str, Body]:
+        body: Body = {"model": model, "messages": messages, self.max_tokens_param: int(spec.get("max_tokens") or 256)}
+        if spec.get("temperature") is not None:
+            body["temperature"] = float(spec["temperature"])
+        return "/chat/completions", body
+
+    def parse_chat(self, payload: Body, model: str) -> Body:
+        choice = (payload.get("choices") or [{}])[0]
+        usage = payload.get("usage") or {}
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        return {
+            "text": (choice.get("message") or {}).get("content") or "",
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": int(usage.get("total_tokens") or prompt + completion)},
+            "model": payload.get("model") or model,
+            "finish_reason": choice.get("finish_reason"),
+        }

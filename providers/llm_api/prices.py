@@ -1,0 +1,70 @@
+"""Per-model token prices from the provider config, and what a job is estimated and charged.
+
+Prices are configured, not fetched: no API publishes them in a usable form, and the
+operator's negotiated price is the one that matters for budgets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Characters per token for estimating prompts before sending them: the usual rule of thumb for
+# English with BPE tokenizers. Only the offer's price estimate uses it; charges use the API's counts.
+_CHARS_PER_TOKEN = 4
+_PROMPT_OVERHEAD_TOKENS = 8
+
+
+class ModelPrice(BaseModel):
+    """One configured model: USD per 1K input/output tokens, and the id the API knows it by."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_1k: float = Field(ge=0)
+    output_per_1k: float = Field(ge=0)
+    context_window: int | None = Field(default=None, gt=0)
+    upstream: str | None = Field(default=None, min_length=1)
+
+
+def parse_models(raw: Any) -> dict[str, ModelPrice]:
+    """The ``models`` config key; a ValueError here becomes a readable config error in the registry."""
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("'models' must map each model name to {input_per_1k, output_per_1k}")
+    out: dict[str, ModelPrice] = {}
+    for name, entry in raw.items():
+        try:
+            out[str(name)] = ModelPrice.model_validate(entry or {})
+        except ValidationError as exc:
+            problems = ", ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"models.{name}: {problems}") from None
+    return out
+
+
+def estimated_prompt_tokens(spec: dict[str, Any]) -> int:
+    """A rough prompt size from the job spec (≈4 characters a token), before the API counts it."""
+    messages = spec.get("messages") or []
+    chars = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+    chars += len(str(spec.get("prompt") or ""))
+    return chars // _CHARS_PER_TOKEN + _PROMPT_OVERHEAD_TOKENS * max(1, len(messages))
+
+
+def blended_per_1k(price: ModelPrice, spec: dict[str, Any]) -> float:
+    """One USD-per-1K-tokens figure for ranking offers, weighted by this job's expected input/output mix.
+
+    Placement multiplies it by an estimated token count, so a model with cheap input but dear
+    output ranks correctly for long prompts and for long answers alike. Without a job in hand
+    (``gpufleet offers``) it is the plain average of the two prices.
+    """
+    if not spec.get("messages") and not spec.get("prompt"):
+        return round((price.input_per_1k + price.output_per_1k) / 2, 8)
+    prompt = estimated_prompt_tokens(spec)
+    output = int(spec.get("max_tokens") or 256)
+    return round((prompt * price.input_per_1k + output * price.output_per_1k) / (prompt + output), 8)
+
+
+def usage_cost(usage: dict[str, Any], input_per_1k: float, output_per_1k: float) -> float:
+    """What the API's own token counts cost at the configured prices."""
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return prompt * input_per_1k / 1000 + completion * output_per_1k / 1000
