@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=10_000, ge=1)
     default_max_attempts: int = Field(default=3, ge=1, le=20)
     default_timeout_seconds: int = Field(default=3600, ge=1)
+    # How long POST /v1/chat/completions holds the connection before answering 504 (the job goes on).
+    front_door_timeout_seconds: float = Field(default=300.0, gt=0)
+    # How often pool providers (ASG, MIG) are resized from their queue depth.
+    autoscale_interval_seconds: float = Field(default=15.0, gt=0)
 
     flower_basic_auth: str = ""
     log_level: str = "INFO"
