@@ -16,6 +16,13 @@ ADAPTERS: dict[str, str] = {
     "sandbox": "providers.sandbox:SandboxProvider",
     "vastai": "providers.vastai:VastAIProvider",
     "runpod": "providers.runpod:RunPodProvider",
+    "aws": "providers.aws:AWSProvider",
+    "aws_pool": "providers.aws:AWSPoolProvider",
+    "gcp": "providers.gcp:GCPProvider",
+    "gcp_pool": "providers.gcp:GCPPoolProvider",
+    "pool": "providers.pools:PoolProvider",
+    "openai_api": "providers.llm_api:OpenAICompatibleProvider",
+    "anthropic": "providers.llm_api:AnthropicProvider",
 }
 
 

@@ -326,6 +326,23 @@ def offers(
         err_console.print(f"[yellow]{name}[/]: {why}", highlight=False)
 
 
+@app.command("providers")
+def list_providers() -> None:
+    """Each configured provider: health, latency, capacity and cheapest prices (asks the providers directly)."""
+    from orchestrator.services.provider_status import status_all
+
+    table = Table(header_style="bold")
+    for column in ("provider", "kind", "health", "latency", "capacity", "gpus", "regions", "from $/h", "from $/1K tok"):
+        table.add_column(column, justify="right" if column in ("latency", "capacity", "from $/h", "from $/1K tok") else "left")
+    for p in status_all():
+        health = "[green]ok[/]" if p.healthy else f"[red]down[/] {p.detail}"
+        table.add_row(p.name, p.kind, health, f"{p.latency_ms:.0f} ms", str(p.capacity), ", ".join(p.gpus) or "-",
+                      ", ".join(p.regions) or "-",
+                      f"{p.min_price_per_hour:.3f}" if p.min_price_per_hour is not None else "-",
+                      f"{p.min_price_per_1k_tokens:.5f}" if p.min_price_per_1k_tokens is not None else "-")
+    console.print(table)
+
+
 @app.command()
 def costs(
     since: Annotated[str | None, typer.Option(help="ISO date/time, e.g. 2026-11-01.")] = None,

@@ -89,6 +89,10 @@ def test_offers_budgets_and_costs_commands(tmp_path: Path) -> None:
     offers = _gpufleet("offers", "--gpu", "H100", "--region", "EU", env=env)
     assert offers.returncode == 0, offers.stderr
     assert "h100-de" in offers.stdout and "h100-spot-us" not in offers.stdout and "1 offers" in offers.stdout
+    listing = _gpufleet("providers", env=env)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines() if line.count("│") > 5}
+    assert {"local", "sandbox"} <= set(rows) and "ok" in rows["sandbox"] and "H100" in rows["sandbox"]
     cheap = _gpufleet("offers", "--max-price", "0.45", env=env)
     assert "rtx4090-se" in cheap.stdout and "a100-us" not in cheap.stdout
     assert _gpufleet("budgets", "set", "provider", "sandbox", "--monthly", "12.5", env=env).returncode == 0

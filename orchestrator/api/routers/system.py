@@ -1,5 +1,5 @@
-"""/health (no auth: load balancers call it) and /metrics (Prometheus text, behind an API key:
-scrape with `authorization: {credentials: <key>}`)."""
+"""/health (no auth: load balancers call it), /metrics (Prometheus text, behind an API key:
+scrape with `authorization: {credentials: <key>}`) and /v1/providers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy import text
 
 from orchestrator.db.engine import session_scope
+from orchestrator.services import provider_status
 from orchestrator.services.metrics import JobCollector
 
 from ..deps import current_tenant
@@ -48,3 +49,10 @@ def health() -> JSONResponse:
 @router.get("/metrics", name="metrics", dependencies=[Depends(current_tenant)])
 def metrics() -> Response:
     return Response(generate_latest(_registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/providers", name="list_providers", dependencies=[Depends(current_tenant)],
+            response_model=list[provider_status.ProviderStatus])
+def list_providers() -> list[provider_status.ProviderStatus]:
+    """Each configured provider: health, how long its health check took, capacity and cheapest prices."""
+    return provider_status.status_all()

@@ -1,0 +1,74 @@
+"""What each configured provider looks like right now (``gpufleet providers``, ``GET /v1/providers``):
+health and how long asking took, and what it offers — capacity, GPUs, regions, cheapest prices."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from providers.base import Offer, Provider, Requirements
+from providers.registry import get_providers
+
+log = logging.getLogger(__name__)
+KINDS = ("inference", "transcription", "training", "command")
+
+
+class ProviderStatus(BaseModel):
+    name: str
+    kind: str
+    healthy: bool
+    detail: str
+    latency_ms: float
+    offers: int
+    capacity: int
+    gpus: list[str]
+    regions: list[str]
+    kinds: list[str]
+    min_price_per_hour: float | None
+    min_price_per_1k_tokens: float | None
+
+
+def _models(provider: Provider) -> list[str]:
+    models = provider.config.get("models") or []
+    return list(models) if isinstance(models, dict | list) else []
+
+
+def _catalog(provider: Provider) -> list[Offer]:
+    """Everything it offers for any kind of job (model APIs answer per model, so ask per model)."""
+    seen: dict[str, Offer] = {}
+    specs: list[dict[str, Any]] = [{}] + [{"model": m} for m in _models(provider)]
+    for kind in KINDS:
+        for spec in specs:
+            try:
+                for offer in provider.offers(Requirements(), kind, spec):
+                    seen.setdefault(offer.offer_id, offer)
+            except Exception as exc:  # one adapter's failure must not hide the others
+                log.debug("offers of %s for %s failed: %s", provider.name, kind, exc)
+    return list(seen.values())
+
+
+def describe(provider: Provider) -> ProviderStatus:
+    started = time.perf_counter()
+    try:
+        health = provider.health()
+        healthy, detail = health.ok, health.detail
+    except Exception as exc:
+        healthy, detail = False, f"health check failed: {type(exc).__name__}: {str(exc)[:200]}"
+    latency = (time.perf_counter() - started) * 1000
+    offers = _catalog(provider) if healthy else []
+    hourly = [o.price_per_hour for o in offers if o.price_per_hour > 0]
+    per_token = [o.price_per_1k_tokens for o in offers if o.price_per_1k_tokens is not None]
+    return ProviderStatus(
+        name=provider.name, kind=str(provider.kind), healthy=healthy, detail=detail, latency_ms=round(latency, 1),
+        offers=len(offers), capacity=sum(o.capacity for o in offers),
+        gpus=sorted({o.gpu for o in offers if o.gpu}), regions=sorted({o.region for o in offers}),
+        kinds=sorted({k for o in offers for k in o.kinds}),
+        min_price_per_hour=min(hourly) if hourly else None,
+        min_price_per_1k_tokens=min(per_token) if per_token else None)
+
+
+def status_all() -> list[ProviderStatus]:
+    return [describe(p) for p in get_providers().values()]
