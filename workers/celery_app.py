@@ -55,6 +55,11 @@ def make_app(settings: Settings) -> Celery:
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.sweep_interval_seconds * 3},
             },
+            "autoscale-pools": {
+                "task": messaging.AUTOSCALE,
+                "schedule": settings.autoscale_interval_seconds,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.autoscale_interval_seconds * 2},
+            },
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         imports=["workers.tasks"],

@@ -6,7 +6,7 @@ import uuid
 
 from celery import Task, shared_task
 
-from orchestrator.services import messaging, pipeline, reaper, reservation_requests, reservations, sweeper
+from orchestrator.services import autoscaler, messaging, pipeline, reaper, reservation_requests, reservations, sweeper
 
 
 @shared_task(name=messaging.DISPATCH, bind=True)
@@ -53,3 +53,8 @@ def watch_reservation(reservation_id: str) -> None:
 @shared_task(name=messaging.SWEEP)
 def sweep() -> dict[str, int]:
     return {**sweeper.sweep(), "reaped": reaper.reap()}
+
+
+@shared_task(name=messaging.AUTOSCALE)
+def autoscale() -> dict[str, str]:
+    return autoscaler.autoscale()

@@ -79,14 +79,14 @@ def chat_completions(body: Annotated[ChatCompletionRequest, Body()], tenant: Ten
         return _error(400, "stream=true is not supported by gpufleet yet; send stream=false", "invalid_request_error",
                       "stream")
     try:
-        job_request = InferenceJob(
+        job_request = InferenceJob.model_validate(dict(
             kind="inference", priority=body.gpufleet.priority, requirements=body.gpufleet.requirements,
             timeout_seconds=body.gpufleet.timeout_seconds, labels={"api": "chat.completions", **body.gpufleet.labels},
             spec={"model": body.model,
                   "messages": [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                                for m in body.messages],
                   "max_tokens": body.max_completion_tokens or body.max_tokens or 256,
-                  "temperature": 0.7 if body.temperature is None else body.temperature})
+                  "temperature": 0.7 if body.temperature is None else body.temperature}))
     except ValidationError as exc:
         first = exc.errors()[0]
         return _error(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", "invalid_request_error")

@@ -1,0 +1,52 @@
+"""Resizes pool providers (AWS Auto Scaling Groups, GCP Managed Instance Groups) from the work
+waiting for them, on the beat. The pools own the policy — clamping to their limits, cooldowns,
+scaling to zero when idle; this module only measures demand and asks each one."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+
+from orchestrator.db.engine import session_scope
+from orchestrator.db.models import Job
+from orchestrator.domain import JobStatus
+from providers.base import Provider, ProviderError
+from providers.registry import get_providers
+
+log = logging.getLogger(__name__)
+MAX_COUNTED = 100_000
+
+
+def _scalable(providers: dict[str, Provider]) -> list[Any]:
+    return [p for p in providers.values() if callable(getattr(p, "autoscale", None))]
+
+
+def queue_depth(provider: Any, waiting: list[tuple[str, dict[str, Any]]]) -> int:
+    """Queued jobs this pool could serve: of a kind it runs, and not pinned to other providers."""
+    kinds = set(getattr(provider, "kinds", None) or ())
+    return sum(1 for kind, req in waiting
+               if (not kinds or kind in kinds) and (not req.get("providers") or provider.name in req["providers"]))
+
+
+def autoscale() -> dict[str, str]:
+    """One pass; returns each pool's decision (for the task result and the logs)."""
+    pools = _scalable(get_providers())
+    if not pools:
+        return {}
+    with session_scope() as s:
+        waiting = [(r.kind, r.requirements or {}) for r in s.execute(
+            select(Job.kind, Job.requirements).where(Job.status == JobStatus.queued.value).limit(MAX_COUNTED))]
+    decisions: dict[str, str] = {}
+    for pool in pools:
+        try:
+            decision = pool.autoscale(queue_depth(pool, waiting))
+        except ProviderError as exc:
+            log.warning("autoscaling %s failed: %s", pool.name, exc)
+            decisions[pool.name] = f"failed: {exc}"
+            continue
+        if decision:
+            log.info("autoscale %s: %s", pool.name, decision)
+            decisions[pool.name] = decision
+    return decisions
