@@ -186,6 +186,10 @@ class Client:
     def release_reservation(self, reservation_id: JobId) -> dict[str, Any]:
         return self._request("DELETE", f"/v1/reservations/{reservation_id}")
 
+    def providers(self) -> list[dict[str, Any]]:
+        """Each configured provider: health, latency, capacity and cheapest prices."""
+        return list(self._request("GET", "/v1/providers"))
+
     def costs(self, since: str | None = None, until: str | None = None) -> dict[str, Any]:
         params = {k: v for k, v in (("since", since), ("until", until)) if v}
         return self._request("GET", "/v1/costs", params=params)
