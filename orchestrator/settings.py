@@ -56,8 +56,11 @@ class Settings(BaseSettings):
     api_key: str = ""
     # The API's address as rented instances reach it (they report outcomes there); defaults to api_url.
     callback_url: str = ""
-    # Where instances write artifacts and checkpoints (s3://bucket/prefix, or a path); optional.
+    # Object storage for artifacts, checkpoints and exports: s3://bucket/prefix (any S3-compatible
+    # endpoint) or a directory; unset: <data_dir>/artifacts. Rented instances get presigned S3 URLs.
     artifact_base_uri: str = ""
+    storage_endpoint_url: str = ""
+    storage_region: str = ""
 
     # "tenant:key" pairs created at start-up so a fresh stack is usable without a CLI step.
     bootstrap_api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -35,6 +35,7 @@ from orchestrator.services import budgets, messaging, reports, reservations
 from orchestrator.services.budgets import OverBudget
 from orchestrator.services.transitions import advance, record_event, transition
 from orchestrator.settings import Settings, get_settings
+from orchestrator.storage import StorageError, configured_storage
 from providers.base import (
     JobSpec,
     Lease,
@@ -143,12 +144,29 @@ def job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
         "GPUFLEET_CALLBACK_URL": f"{base}/v1/jobs/{job.id}/report",
         "GPUFLEET_JOB_TOKEN": token,
     }
-    if settings.artifact_base_uri:
-        env["GPUFLEET_ARTIFACT_URI"] = f"{settings.artifact_base_uri.rstrip('/')}/{job.id}/{job.attempt}/"
+    env.update(_artifact_env(settings, job))
     if job.spec.get("checkpoint_uri"):
         env["GPUFLEET_CHECKPOINT_URI"] = str(job.spec["checkpoint_uri"])
     return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt, spec=job.spec,  # type: ignore[arg-type]
                    timeout_seconds=job.timeout_seconds, env=env, label=label)
+
+
+def _artifact_env(settings: Settings, job: Snapshot) -> dict[str, str]:
+    """Where the run writes its outputs: the prefix, and on S3 a presigned PUT URL for one artifact
+    (rented instances hold no storage credentials of ours)."""
+    if not settings.artifact_base_uri:
+        return {}
+    prefix = f"jobs/{job.id}/{job.attempt}"
+    try:
+        store = configured_storage(settings)
+        env = {"GPUFLEET_ARTIFACT_URI": store.uri(prefix) + "/"}
+        if store.reachable_by_instances:
+            expires = min(7 * 24 * 3600, job.timeout_seconds + 3600)
+            env["GPUFLEET_ARTIFACT_PUT_URL"] = store.presigned_put(f"{prefix}/artifact", expires=expires)
+    except StorageError as exc:  # the run can still do its work; say why it has nowhere to put outputs
+        log.warning("job %s runs without artifact storage: %s", job.id, exc)
+        return {}
+    return env
 
 
 # --- dispatch -----------------------------------------------------------------------------
