@@ -186,7 +186,7 @@ class Client:
     def release_reservation(self, reservation_id: JobId) -> dict[str, Any]:
         return self._request("DELETE", f"/v1/reservations/{reservation_id}")
 
-    def providers(self) -> list[dict[str, Any]]:
+    def providers(self) -> builtins.list[dict[str, Any]]:
         """Each configured provider: health, latency, capacity and cheapest prices."""
         return list(self._request("GET", "/v1/providers"))
 
