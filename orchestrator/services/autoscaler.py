@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from orchestrator.db.engine import session_scope
 from orchestrator.db.models import Job
@@ -38,10 +38,14 @@ def autoscale() -> dict[str, str]:
     with session_scope() as s:
         waiting = [(r.kind, r.requirements or {}) for r in s.execute(
             select(Job.kind, Job.requirements).where(Job.status == JobStatus.queued.value).limit(MAX_COUNTED))]
+        # Work in flight on each pool, counted across every worker (a pool's own count is per process).
+        running = dict(s.execute(select(Job.provider, func.count()).where(
+            Job.status.in_([JobStatus.placing.value, JobStatus.running.value]),
+            Job.provider.in_([p.name for p in pools])).group_by(Job.provider)).tuples().all())
     decisions: dict[str, str] = {}
     for pool in pools:
         try:
-            decision = pool.autoscale(queue_depth(pool, waiting))
+            decision = pool.autoscale(queue_depth(pool, waiting), in_flight=int(running.get(pool.name, 0)))
         except ProviderError as exc:
             log.warning("autoscaling %s failed: %s", pool.name, exc)
             decisions[pool.name] = f"failed: {exc}"
