@@ -170,6 +170,8 @@ class Provider:
     default_provisioning_timeout: ClassVar[float] = 300.0
     # True if owned() lists every lease this provider holds for us, so a lease missing from it is gone.
     lists_all_leases: ClassVar[bool] = False
+    # Placed only when nothing else fits (config ``last_resort: true``), e.g. the Fly fallback chat service.
+    last_resort: bool = False
 
     def __init__(self, name: str, config: dict[str, Any] | None = None) -> None:
         self.name = name

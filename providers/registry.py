@@ -38,6 +38,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         # Budget keys are the orchestrator's (synced into the budgets table), not the adapter's.
         config.pop("monthly_budget", None)
         config.pop("max_cost_per_hour", None)
+        last_resort = config.pop("last_resort", False) in (True, "true", "1")
         adapter = str(config.pop("type", name))
         if adapter not in ADAPTERS:
             raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} has unknown type {adapter!r} "
@@ -48,6 +49,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         cls = getattr(importlib.import_module(module_name), class_name)
         try:
             providers[name] = cls(name, config)
+            providers[name].last_resort = last_resort
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} config is invalid: {exc}".splitlines()[0]) from None
     return providers

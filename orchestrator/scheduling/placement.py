@@ -111,7 +111,7 @@ def place(
     excluded = excluded or set()
     rejected: dict[str, str] = {}
     down = False  # a provider that may come back (unhealthy, API error): worth waiting for
-    fits: list[tuple[float, float, Offer]] = []
+    fits: list[tuple[bool, float, float, Offer]] = []
     if requirements.providers:
         for name in requirements.providers:
             if name not in providers:
@@ -140,8 +140,8 @@ def place(
             if reason:
                 rejected[offer_key(offer)] = reason
                 continue
-            # Cheapest first; among equals, the more reliable offer.
-            fits.append((estimate_cost(offer, kind, spec, timeout_seconds), -offer.reliability, offer))
+            # Last-resort providers after all others; then cheapest first; among equals, the more reliable.
+            fits.append((provider.last_resort, estimate_cost(offer, kind, spec, timeout_seconds), -offer.reliability, offer))
     if not fits:
         detail = "; ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "no provider offers this kind of job"
         if any(reason == NO_FREE_CAPACITY for reason in rejected.values()):
@@ -149,12 +149,13 @@ def place(
         if down:
             raise CapacityBusy(f"nothing fits now and a provider is unavailable ({detail})")
         raise NoPlacement(f"no offer meets the job's constraints ({detail})")
-    fits.sort(key=lambda item: (item[0], item[1], offer_key(item[2])))
-    cost, _, best = fits[0]
-    runner_up = f"; next best {offer_key(fits[1][2])} at ~${fits[1][0]:.4f}" if len(fits) > 1 else ""
+    fits.sort(key=lambda item: (item[0], item[1], item[2], offer_key(item[3])))
+    last_resort, cost, _, best = fits[0]
+    runner_up = f"; next best {offer_key(fits[1][3])} at ~${fits[1][1]:.4f}" if len(fits) > 1 else ""
     price = f"${best.price_per_1k_tokens}/1K tokens" if usage_priced(best, kind) else f"${best.price_per_hour:.2f}/h"
-    rationale = (f"cheapest of {len(fits)} fitting offers: {offer_key(best)} ({best.gpu or 'cpu'}, {best.region}, "
+    how = "last resort, nothing else fits" if last_resort else f"cheapest of {len(fits)} fitting offers"
+    rationale = (f"{how}: {offer_key(best)} ({best.gpu or 'cpu'}, {best.region}, "
                  f"{price}, est. ${cost:.4f}){runner_up}; {len(rejected)} rejected")
     return Placement(provider=best.provider, offer=best, estimated_cost=round(cost, 6), rationale=rationale,
                      considered=len(fits) + len(rejected), rejected=rejected,
-                     candidates=[Candidate(offer=o, estimated_cost=c) for c, _, o in fits])
+                     candidates=[Candidate(offer=o, estimated_cost=c) for _, c, _, o in fits])

@@ -289,3 +289,12 @@ def test_max_hourly_price_does_not_reject_per_token_billing(providers) -> None: 
     assert placement.offer.offer_id == "tokens"  # $5/h listed, but inference there is billed per token
     with pytest.raises(NoPlacement, match=r"\$1.29/h > max \$0.10/h"):
         _place(providers, kind="training", gpu=["A100"], max_price_per_hour=0.10)
+
+
+def test_a_last_resort_provider_serves_only_when_nothing_else_fits(providers) -> None:  # type: ignore[no-untyped-def]
+    fallback = _Stub("fallback", [_offer("fallback", "free-a100", 0.0)])
+    fallback.last_resort = True
+    registry = {**providers, "fallback": fallback}
+    assert _place(registry, gpu=["A100"]).offer.offer_id == "a100"  # dearer, but not the last resort
+    placement = _place(registry, gpu=["A100"], excluded={"sandbox/a100"})
+    assert placement.offer.offer_id == "free-a100" and placement.rationale.startswith("last resort")
