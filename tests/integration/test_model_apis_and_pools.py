@@ -8,8 +8,14 @@ costed from its token counts, and a bad key says which key — never what it is.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 
@@ -19,10 +25,11 @@ from tests.emulators.pool_server import DEFAULT_SECRET, PoolServer
 from .conftest import KEY_A, Stack, isolated_stack
 
 OPENAI_KEY = "sk-test-" + "o" * 24
+FALLBACK_KEY = "fallback-client-key-" + "f" * 16
 ANTHROPIC_KEY = "sk-ant-" + "a" * 24
 
 
-def _providers_yaml(oai: str, ant: str, pool: str) -> str:
+def _providers_yaml(oai: str, ant: str, pool: str, fallback: str) -> str:
     return f"""
 providers:
   openai:
@@ -54,9 +61,42 @@ providers:
     gpu: A100
     region: eu-se
     price_per_hour: 2.0
+  fallback:
+    type: openai_api
+    base_url: "{fallback}"
+    api_key_env: GPUFLEET_TEST_FALLBACK_KEY
+    last_resort: true
+    models:
+      llama-3-8b: {{input_per_1k: 0.0, output_per_1k: 0.0}}
   local:
     slots: 4
 """
+
+
+@pytest.fixture(scope="module")
+def fallback_chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Fly fallback service as deployed (``python -m fallback_chat``), with its stand-in model."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FALLBACK_")}
+    env.update({"FALLBACK_BACKEND": "stand-in", "FALLBACK_PORT": str(port), "FALLBACK_API_KEY_ENV": "FALLBACK_CLIENT_KEY",
+                "FALLBACK_CLIENT_KEY": FALLBACK_KEY})
+    log = open(tmp_path_factory.mktemp("fallback") / "fallback.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "fallback_chat"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the fallback service did not start"
+        time.sleep(0.1)
+    yield f"{url}/v1"
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +108,14 @@ def apis() -> Iterator[tuple[OpenAIEmulator, AnthropicEmulator, PoolServer]]:
 
 
 @pytest.fixture(scope="module")
-def apistack(apis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+def apistack(apis, fallback_chat: str,  # type: ignore[no-untyped-def]
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     oai, ant, pool = apis
     env = {"GPUFLEET_TEST_OPENAI_KEY": OPENAI_KEY, "GPUFLEET_TEST_ANTHROPIC_KEY": ANTHROPIC_KEY,
-           "GPUFLEET_TEST_WRONG_KEY": "sk-ant-wrong-" + "w" * 20, "GPUFLEET_TEST_POOL_SECRET": DEFAULT_SECRET}
-    with isolated_stack(tmp_path_factory.mktemp("apis"), 13, _providers_yaml(oai.url, ant.url, pool.url), env) as running:
+           "GPUFLEET_TEST_WRONG_KEY": "sk-ant-wrong-" + "w" * 20, "GPUFLEET_TEST_POOL_SECRET": DEFAULT_SECRET,
+           "GPUFLEET_TEST_FALLBACK_KEY": FALLBACK_KEY}
+    yaml = _providers_yaml(oai.url, ant.url, pool.url, fallback_chat)
+    with isolated_stack(tmp_path_factory.mktemp("apis"), 13, yaml, env) as running:
         yield running
 
 
@@ -114,6 +157,16 @@ def test_failing_api_fails_over_to_the_pool(client, apis) -> None:
     assert len(pool.work_requests()) == before + 1
     signed = pool.work_requests()[-1]["headers"]
     assert any(k.lower() == "x-gpufleet-signature" for k in signed)
+
+
+def test_the_fallback_service_answers_only_when_everything_else_fails(client, apis) -> None:
+    oai, _, pool = apis
+    oai.fail(500, count=5, paths=["/v1/chat/completions"])
+    pool.fail_next(1, 500, paths=["/v1/chat/completions"])
+    done = _chat(client, "llama-3-8b", "is anyone there")
+    assert done.status.value == "succeeded", done.error
+    assert done.provider == "fallback" and done.attempt == 3 and done.result["text"]
+    assert "last resort" in done.placement["rationale"]
 
 
 def test_rate_limited_api_cools_down_and_traffic_goes_elsewhere(client, apis) -> None:
