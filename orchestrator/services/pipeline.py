@@ -147,8 +147,28 @@ def job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
     env.update(_artifact_env(settings, job))
     if job.spec.get("checkpoint_uri"):
         env["GPUFLEET_CHECKPOINT_URI"] = str(job.spec["checkpoint_uri"])
-    return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt, spec=job.spec,  # type: ignore[arg-type]
-                   timeout_seconds=job.timeout_seconds, env=env, label=label)
+    return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt,  # type: ignore[arg-type]
+                   spec=_readable_inputs(settings, job), timeout_seconds=job.timeout_seconds, env=env, label=label)
+
+
+INPUT_FIELDS = ("audio_url", "dataset_uri")
+
+
+def _readable_inputs(settings: Settings, job: Snapshot) -> dict[str, Any]:
+    """The spec with inputs in our S3 storage (``s3://bucket/prefix/…``) turned into presigned GET URLs:
+    providers and instances read them without holding our credentials."""
+    inputs = {f: str(job.spec[f]) for f in INPUT_FIELDS if str(job.spec.get(f, "")).startswith("s3://")}
+    if not inputs or not settings.artifact_base_uri:
+        return job.spec
+    try:
+        store = configured_storage(settings)
+        if not store.reachable_by_instances:
+            return job.spec
+        expires = min(7 * 24 * 3600, job.timeout_seconds + 3600)
+        return {**job.spec, **{f: store.presigned_get(store.key_of(uri), expires=expires) for f, uri in inputs.items()}}
+    except StorageError as exc:  # another bucket: pass the URI on as given
+        log.info("job %s inputs left as given: %s", job.id, exc)
+        return job.spec
 
 
 def _artifact_env(settings: Settings, job: Snapshot) -> dict[str, str]:

@@ -17,12 +17,15 @@ Config keys (both adapters unless noted):
 - ``models``: model name (what jobs ask for in ``spec.model``) → ``{input_per_1k, output_per_1k,
   context_window?, upstream?}``: USD per 1K input/output tokens, the context size (jobs whose
   estimated prompt + max_tokens exceed it get no offer) and the id the API knows the model by
-  (default: the name itself). Required.
+  (default: the name itself). A transcription model (OpenAI-compatible only, e.g. ``whisper-1``)
+  is priced ``{per_minute}`` of audio instead. Required.
 - ``region``: where offers say they run (default ``"global"``).
 - ``timeout``: seconds to wait for one answer (default 120; capped by the job's timeout).
 - ``max_concurrency``: requests in flight at once per worker process (default 8); offers advertise
   what is left as ``capacity``.
-- ``kinds``: job kinds served (default and only supported value: ``["inference"]``).
+- ``kinds``: job kinds served (default ``["inference"]``; OpenAI-compatible APIs may add
+  ``"transcription"``: the job's ``audio_url`` — http(s), a path, or an ``s3://`` input gpufleet
+  presigned — is fetched and uploaded to ``/audio/transcriptions``; cost = audio minutes × ``per_minute``).
 - ``default_cooldown_seconds``: how long to stop offering after a 429 without a usable
   ``Retry-After`` (default 30); ``max_cooldown_seconds`` caps any cooldown (default 900).
   402 (credits exhausted, e.g. OpenRouter) cools down the same way.

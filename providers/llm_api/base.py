@@ -39,7 +39,14 @@ from providers.base import (
 )
 from providers.llm_api.cooldown import Cooldown, retry_after_seconds
 from providers.llm_api.errors import api_message, scrub, status_error, transport_error
-from providers.llm_api.prices import ModelPrice, blended_per_1k, estimated_prompt_tokens, parse_models, usage_cost
+from providers.llm_api.prices import (
+    ModelPrice,
+    audio_cost,
+    blended_per_1k,
+    estimated_prompt_tokens,
+    parse_models,
+    usage_cost,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +104,10 @@ class ModelAPIProvider(Provider):
         """The normalized result: {text, usage: {prompt_tokens, completion_tokens, total_tokens}, model, finish_reason}."""
         raise NotImplementedError
 
+    def transcribe(self, model: str, spec: dict[str, Any], timeout: float) -> Body:
+        """{text, model, language, duration_seconds, usage}; only APIs with a transcription endpoint."""
+        raise PermanentProviderError(f"{self.name}: this API does not transcribe audio")
+
     # --- Provider ----------------------------------------------------------------------------
 
     def offers(self, req: Requirements, kind: str, spec: dict[str, Any]) -> list[Offer]:
@@ -104,12 +115,14 @@ class ModelAPIProvider(Provider):
             return []
         wanted = spec.get("model")
         names = ([wanted] if wanted in self.models else []) if wanted else list(self.models)
+        # A transcription model (priced per minute) serves transcription jobs only, a chat model the rest.
+        names = [n for n in names if self.models[n].transcribes == (kind == "transcription")]
         capacity = max(0, self.max_concurrency - self._in_flight)
         needed = estimated_prompt_tokens(spec) + int(spec.get("max_tokens") or 0) if spec else 0
         offers = []
         for model in names:
             price = self.models[model]
-            if price.context_window and needed > price.context_window:
+            if price.context_window and not price.transcribes and needed > price.context_window:
                 continue  # the API would refuse it; another provider's model may have room
             offers.append(Offer(provider=self.name, offer_id=model, region=self.region, price_per_hour=0.0,
                                 price_per_1k_tokens=blended_per_1k(price, spec), capacity=capacity,
@@ -129,9 +142,16 @@ class ModelAPIProvider(Provider):
         price = self.models.get(model)
         if price is None:
             raise TransientProviderError(f"{self.name}: model {model!r} is no longer configured")
+        timeout = min(self.timeout, float(job.timeout_seconds))
+        if job.kind == "transcription":
+            with self._slot():
+                result = self.transcribe(price.upstream or model, job.spec, timeout)
+            result["model"] = model
+            data: Body = {"response": result, "per_minute": price.per_minute}
+            return RunHandle(provider=self.name, lease=lease, started_at=time.time(), data=data)
         path, body = self.chat_request(price.upstream or model, _messages(job.spec, self.name), job.spec)
         with self._slot():
-            response = self._request("POST", path, body, min(self.timeout, float(job.timeout_seconds)))
+            response = self._request("POST", path, body, timeout)
         try:
             result = self.parse_chat(response.json(), model)
         except (ValueError, TypeError, AttributeError, KeyError, IndexError):
@@ -144,8 +164,11 @@ class ModelAPIProvider(Provider):
         result = handle.data.get("response")
         if not isinstance(result, dict):
             return RunStatus(state="failed", error=f"{self.name}: run handle holds no response", transient=True)
-        cost = usage_cost(result.get("usage") or {}, float(handle.data.get("input_per_1k", 0)),
-                          float(handle.data.get("output_per_1k", 0)))
+        if handle.data.get("per_minute") is not None:
+            cost = audio_cost(float(result.get("duration_seconds") or 0), float(handle.data["per_minute"]))
+        else:
+            cost = usage_cost(result.get("usage") or {}, float(handle.data.get("input_per_1k", 0)),
+                              float(handle.data.get("output_per_1k", 0)))
         return RunStatus(state="succeeded", result=result, cost=cost)
 
     def release(self, lease: Lease, handle: RunHandle | None = None) -> None:
@@ -200,7 +223,8 @@ class ModelAPIProvider(Provider):
             self._client_pid = os.getpid()
         return self._client
 
-    def _request(self, method: str, path: str, body: Body | None, timeout: float) -> httpx.Response:
+    def _request(self, method: str, path: str, body: Body | None, timeout: float, *,
+                 files: dict[str, Any] | None = None, form: dict[str, str] | None = None) -> httpx.Response:
         """One API call, returning only a 2xx answer; everything else becomes a provider error."""
         if problem := self._key_problem():
             raise TransientProviderError(problem)
@@ -209,8 +233,8 @@ class ModelAPIProvider(Provider):
         key = self._key()
         headers = {**self.extra_headers, **self.auth_headers(key)}
         try:
-            response = self._http().request(method, self.base_url + path, json=body, headers=headers,
-                                             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+            response = self._http().request(method, self.base_url + path, json=body, files=files, data=form,
+                                            headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
         except httpx.HTTPError as exc:
             lost = transport_error(self.name, exc, timeout)
             log.warning("%s", lost)

@@ -1,10 +1,14 @@
-"""Any API speaking OpenAI's chat-completions dialect: OpenAI, OpenRouter, Groq, Together,
-Gemini's OpenAI-compatible endpoint, a self-hosted vLLM… — only ``base_url`` and the key differ."""
+"""Any API speaking OpenAI's dialect: OpenAI, OpenRouter, Groq, Together, Gemini's OpenAI-compatible
+endpoint, a self-hosted vLLM… — only ``base_url`` and the key differ. Chat completions for inference;
+``/audio/transcriptions`` (multipart upload of the fetched audio) for transcription models priced
+``per_minute``."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from providers.base import TransientProviderError
+from providers.llm_api.audio import fetch_audio
 from providers.llm_api.base import Body, ModelAPIProvider
 
 
@@ -12,6 +16,7 @@ class OpenAICompatibleProvider(ModelAPIProvider):
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
     default_key_env: ClassVar[str] = "OPENAI_API_KEY"
     health_path: ClassVar[str] = "/models"
+    supported_kinds: ClassVar[frozenset[str]] = frozenset({"inference", "transcription"})
 
     def __init__(self, name: str, config: dict[str, Any] | None = None) -> None:
         super().__init__(name, config)
@@ -38,3 +43,20 @@ class OpenAICompatibleProvider(ModelAPIProvider):
             "model": payload.get("model") or model,
             "finish_reason": choice.get("finish_reason"),
         }
+
+    def transcribe(self, model: str, spec: dict[str, Any], timeout: float) -> Body:
+        filename, audio = fetch_audio(str(spec.get("audio_url") or ""), timeout, self.name)
+        form = {"model": model, "response_format": "verbose_json"}
+        if spec.get("language"):
+            form["language"] = str(spec["language"])
+        response = self._request("POST", "/audio/transcriptions", None, timeout,
+                                 files={"file": (filename, audio)}, form=form)
+        try:
+            payload = response.json()
+            text = str(payload["text"])
+        except (ValueError, TypeError, KeyError):
+            raise TransientProviderError(f"{self.name}: unreadable transcription from the API") from None
+        # verbose_json carries the audio's length, which is what the API bills; else the job's own figure.
+        duration = float(payload.get("duration") or spec.get("duration_seconds") or 0.0)
+        return {"text": text, "model": model, "language": payload.get("language") or spec.get("language"),
+                "duration_seconds": duration, "usage": {"total_tokens": len(text.split())}}

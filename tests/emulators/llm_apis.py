@@ -16,6 +16,8 @@ import json
 import threading
 import time
 import uuid
+from email import policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
@@ -25,6 +27,17 @@ Reply = tuple[int, Any, dict[str, str]]
 
 OPENAI_MODELS = ["gpt-4o-mini", "gpt-4o", "llama-3.1-8b-instant"]
 ANTHROPIC_MODELS = ["claude-3-5-haiku-20241022", "claude-sonnet-4-20250514"]
+
+
+def _form(raw: bytes, content_type: str) -> dict[str, Any]:
+    """A multipart/form-data body: file fields as bytes, the rest as text."""
+    message = BytesParser(policy=policy.default).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        fields[str(name)] = payload if part.get_filename() else payload.decode()
+    return fields
 
 
 def count_tokens(text: str) -> int:
@@ -48,6 +61,8 @@ class _ModelAPIEmulator(LoopbackServer):
         self.host = host
         self.port = port
         self.request_log: list[dict[str, Any]] = []
+        # Files served without auth at /media/<name>: the audio a transcription job points at.
+        self.media: dict[str, bytes] = {}
         self._faults: list[dict[str, Any]] = []
         self._lags: list[dict[str, Any]] = []
         self._lock = threading.RLock()
@@ -108,8 +123,18 @@ class _ModelAPIEmulator(LoopbackServer):
                 return item
         return None
 
+    def serve_file(self, name: str, data: bytes) -> str:
+        """Serve ``data`` at ``/media/<name>``; returns its URL."""
+        with self._lock:
+            self.media[name] = data
+        return f"{self.url}/media/{name}"
+
     def handle(self, method: str, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[Reply, float]:
         path = path.split("?", 1)[0]
+        if method == "GET" and path.startswith("/media/"):
+            data = self.media.get(path.removeprefix("/media/"))
+            return ((200, data, {"Content-Type": "audio/wav"}) if data is not None
+                    else (404, {"error": {"message": "no such file"}}, {})), 0.0
         with self._lock:
             self.request_log.append({"method": method, "path": path, "headers": headers, "body": body, "at": time.time()})
             lag = self._take(self._lags, path)
@@ -132,8 +157,9 @@ class _ModelAPIEmulator(LoopbackServer):
 
             def _serve(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                ctype = self.headers.get("content-type") or ""
                 try:
-                    body = json.loads(raw) if raw else {}
+                    body = _form(raw, ctype) if ctype.startswith("multipart/form-data") else json.loads(raw) if raw else {}
                 except ValueError:
                     body = {}
                 headers = {k.lower(): v for k, v in self.headers.items()}
@@ -141,7 +167,7 @@ class _ModelAPIEmulator(LoopbackServer):
                                                              body if isinstance(body, dict) else {})
                 if hold:
                     time.sleep(hold)
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     for key, value in {"Content-Type": "application/json", **extra}.items():
@@ -183,7 +209,25 @@ class OpenAIEmulator(_ModelAPIEmulator):
                                                      "owned_by": "emulator"} for m in self.models]}, {}
         if method == "POST" and path == "/v1/chat/completions":
             return self._chat(body)
+        if method == "POST" and path == "/v1/audio/transcriptions":
+            return self._transcribe(body)
         return 404, self.error(404, f"Invalid URL ({method} {path})"), {}
+
+    def _transcribe(self, body: dict[str, Any]) -> Reply:
+        """Like Whisper's endpoint: a multipart upload; the audio is taken as 16 kHz 16-bit mono, so
+        its length is bytes / 32000 seconds, and the "words" are derived from the bytes."""
+        audio = body.get("file")
+        if not isinstance(audio, bytes) or not audio:
+            return 400, self.error(400, "file: an audio file upload is required"), {}
+        if body.get("model") not in self.models:
+            return 404, self.error(404, f"The model `{body.get('model')}` does not exist"), {}
+        duration = round(len(audio) / 32000, 3)
+        words = max(1, int(duration * 2.5))
+        text = " ".join(f"word{(audio[i % len(audio)] + i) % 97}" for i in range(words))
+        payload: dict[str, Any] = {"text": text}
+        if body.get("response_format") == "verbose_json":
+            payload.update(task="transcribe", language=body.get("language") or "english", duration=duration, segments=[])
+        return 200, payload, {}
 
     def _chat(self, body: dict[str, Any]) -> Reply:
         model = body.get("model")

@@ -327,3 +327,34 @@ def test_bad_config_is_refused(openai_emu: OpenAIEmulator, tmp_path: Path) -> No
         openai(openai_emu, tmp_path, models={"gpt-4o-mini": {"input_per_1k": 0.1}})
     with pytest.raises(ValueError, match="not served"):
         openai(openai_emu, tmp_path, kinds=["training"])
+
+
+def test_transcription_uploads_the_fetched_audio_and_charges_its_minutes(monkeypatch: pytest.MonkeyPatch) -> None:
+    with OpenAIEmulator(api_key="sk-test-transcribe-0000", models=["whisper-1"]) as emu:
+        monkeypatch.setenv("GPUFLEET_TEST_WHISPER_KEY", "sk-test-transcribe-0000")
+        provider = OpenAICompatibleProvider("oai", {
+            "base_url": f"{emu.url}/v1", "api_key_env": "GPUFLEET_TEST_WHISPER_KEY", "kinds": ["inference", "transcription"],
+            "models": {"whisper-1": {"per_minute": 0.006}, "gpt-4o-mini": {"input_per_1k": 0.1, "output_per_1k": 0.2}}})
+        url = emu.serve_file("talk.wav", b"\x01\x02" * 480_000)  # 960000 bytes: 30 s at 16 kHz 16-bit mono
+        spec = {"audio_url": url + "?X-Amz-Signature=secret-sig", "model": "whisper-1", "language": "en"}
+        offers = provider.offers(Requirements(), "transcription", spec)
+        assert [o.offer_id for o in offers] == ["whisper-1"]  # the chat model does not transcribe
+        assert provider.offers(Requirements(), "inference", {"model": "whisper-1", "prompt": "hi"}) == []
+        job = JobSpec(job_id="j", kind="transcription", attempt=1, spec=spec, timeout_seconds=60)
+        lease = provider.reserve(offers[0], job)
+        status = provider.poll(provider.start(lease, job))
+        assert status.state == "succeeded" and status.result is not None
+        assert status.result["duration_seconds"] == 30.0 and status.result["text"].startswith("word")
+        assert status.cost == pytest.approx(30 / 60 * 0.006)
+        sent = emu.requests("/v1/audio/transcriptions")[-1]["body"]
+        assert sent["model"] == "whisper-1" and sent["language"] == "en" and len(sent["file"]) == 960_000
+
+        missing = JobSpec(job_id="j2", kind="transcription", attempt=1, timeout_seconds=60,
+                          spec={**spec, "audio_url": f"{emu.url}/media/nothing.wav?X-Amz-Signature=secret-sig"})
+        with pytest.raises(PermanentProviderError) as refused:
+            provider.start(provider.reserve(offers[0], missing), missing)
+        assert "404" in str(refused.value) and "secret-sig" not in str(refused.value)
+        with pytest.raises(PermanentProviderError, match="s3://"):
+            bucket = JobSpec(job_id="j3", kind="transcription", attempt=1, timeout_seconds=60,
+                             spec={**spec, "audio_url": "s3://bucket/talk.wav"})
+            provider.start(provider.reserve(offers[0], bucket), bucket)
