@@ -13,6 +13,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 JobKindName = Literal["inference", "transcription", "training", "distillation", "command"]
+# How placement orders the offers that fit (orchestrator/scheduling/strategies.py implements them).
+StrategyName = Literal["lowest_cost", "lowest_latency", "score", "round_robin", "weighted_random", "failover",
+                       "tiered", "cluster_first", "external_first", "hybrid", "capability"]
 
 
 class ProviderKind(enum.StrEnum):
@@ -62,7 +65,15 @@ class Requirements(BaseModel):
     min_reliability: float | None = Field(default=None, ge=0, le=1, description="Marketplace host reliability, 0..1.")
     regions: list[str] | None = Field(default=None, description="Region codes, country codes or continents (EU, NA, AS…).")
     providers: list[str] | None = Field(default=None, description="Only these providers.")
+    exclude_providers: list[str] | None = Field(default=None, description="Never these providers.")
     interruptible: bool | None = Field(default=None, description="True: spot/bid capacity is allowed; False: on-demand only.")
+    max_price_per_1k_tokens: float | None = Field(default=None, gt=0, description="For usage-priced offers (model APIs, pools).")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="Providers measured slower (p95) are skipped.")
+    context_window: int | None = Field(default=None, gt=0, description="Tokens of context the model must accept.")
+    capabilities: list[str] | None = Field(default=None, description="e.g. large-context, reasoning, transcription.")
+    data_class: str | None = Field(default=None, max_length=64, description="Residency class from the policy file.")
+    strategy: StrategyName | None = Field(default=None, description="Routing strategy; default from the configuration.")
+    failover_order: list[str] | None = Field(default=None, description="Provider order for the 'failover' strategy.")
 
     def needs_gpu(self) -> bool:
         return self.gpu_count > 0 or bool(self.gpu) or self.min_gpu_memory_gb is not None
@@ -81,6 +92,8 @@ class Offer(BaseModel):
     reliability: float = 1.0
     kinds: list[str] = Field(default_factory=list)
     interruptible: bool = False
+    context_window: int | None = None
+    capabilities: list[str] = Field(default_factory=list)
     # Provider-specific facts the adapter needs again at reserve time (ask id, bid, GPU type id…).
     data: dict[str, Any] = Field(default_factory=dict)
 
@@ -170,8 +183,14 @@ class Provider:
     default_provisioning_timeout: ClassVar[float] = 300.0
     # True if owned() lists every lease this provider holds for us, so a lease missing from it is gone.
     lists_all_leases: ClassVar[bool] = False
-    # Placed only when nothing else fits (config ``last_resort: true``), e.g. the Fly fallback chat service.
+    # Placement facts from the provider's config, set by the registry (adapters never see these keys):
+    # placed only when nothing else fits (``last_resort: true``, e.g. the Fly fallback chat service);
+    # cost tier; share under weighted_random; rank under the failover strategy; what it can do.
     last_resort: bool = False
+    tier: str | None = None
+    weight: float = 1.0
+    priority: int | None = None
+    capabilities: tuple[str, ...] = ()
 
     def __init__(self, name: str, config: dict[str, Any] | None = None) -> None:
         self.name = name

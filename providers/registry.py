@@ -38,7 +38,7 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         # Budget keys are the orchestrator's (synced into the budgets table), not the adapter's.
         config.pop("monthly_budget", None)
         config.pop("max_cost_per_hour", None)
-        last_resort = config.pop("last_resort", False) in (True, "true", "1")
+        placement = {key: config.pop(key) for key in PLACEMENT_KEYS if key in config}
         adapter = str(config.pop("type", name))
         if adapter not in ADAPTERS:
             raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} has unknown type {adapter!r} "
@@ -48,11 +48,36 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
         module_name, class_name = ADAPTERS[adapter].split(":")
         cls = getattr(importlib.import_module(module_name), class_name)
         try:
-            providers[name] = cls(name, config)
-            providers[name].last_resort = last_resort
+            providers[name] = _with_placement(cls(name, config), placement)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r} config is invalid: {exc}".splitlines()[0]) from None
     return providers
+
+
+PLACEMENT_KEYS = ("last_resort", "tier", "weight", "priority", "capabilities")
+TIERS = ("primary", "secondary", "tertiary")
+
+
+def _with_placement(provider: Provider, raw: dict[str, Any]) -> Provider:
+    """The orchestrator's placement keys of a provider entry, checked, onto the adapter."""
+    name = provider.name
+    try:
+        provider.last_resort = raw.get("last_resort", False) in (True, "true", "1")
+        if "tier" in raw:
+            if raw["tier"] not in TIERS:
+                raise ValueError(f"tier must be one of {', '.join(TIERS)}")
+            provider.tier = str(raw["tier"])
+        provider.weight = float(raw.get("weight", 1.0))
+        if provider.weight <= 0:
+            raise ValueError("weight must be > 0")
+        provider.priority = int(raw["priority"]) if raw.get("priority") is not None else None
+        caps = raw.get("capabilities") or []
+        if isinstance(caps, str) or not all(isinstance(c, str) for c in caps):
+            raise ValueError("capabilities must be a list of names")
+        provider.capabilities = tuple(caps)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"GPUFLEET_PROVIDERS: provider {name!r}: {exc}") from None
+    return provider
 
 
 def provider_budgets(settings: Settings) -> dict[str, tuple[float | None, float | None]]:
