@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from orchestrator.errors import ConfigError
+from providers.base import StrategyName
 
 QUEUE_NAMES = ("high_priority", "inference", "default", "training", "distillation", "low_priority")
 CONTROL_QUEUE = "control"
@@ -85,6 +86,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=10_000, ge=1)
     default_max_attempts: int = Field(default=3, ge=1, le=20)
     default_timeout_seconds: int = Field(default=3600, ge=1)
+    # Routing: the strategy jobs get unless they name one; the score's weights (cost, latency, errors,
+    # capacity); the $/1K-token line of the "hybrid" strategy; the data-residency policy file.
+    placement_strategy: StrategyName = "lowest_cost"
+    placement_weights: dict[str, float] = Field(default_factory=dict)
+    hybrid_threshold_per_1k: float = Field(default=0.001, ge=0)
+    residency_policy_file: Path | None = None
     # How long POST /v1/chat/completions holds the connection before answering 504 (the job goes on).
     front_door_timeout_seconds: float = Field(default=300.0, gt=0)
     # How often pool providers (ASG, MIG) are resized from their queue depth.
@@ -92,6 +99,16 @@ class Settings(BaseSettings):
 
     flower_basic_auth: str = ""
     log_level: str = "INFO"
+
+    @field_validator("placement_weights")
+    @classmethod
+    def _known_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {"cost", "latency", "errors", "capacity"})
+        if unknown:
+            raise ValueError(f"unknown weight(s) {', '.join(unknown)}: use cost, latency, errors, capacity")
+        if any(v < 0 for v in value.values()):
+            raise ValueError("weights must be >= 0")
+        return value
 
     @field_validator("bootstrap_api_keys", mode="before")
     @classmethod

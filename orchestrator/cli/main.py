@@ -288,6 +288,15 @@ def show_job(job_id: str) -> None:
 
 
 @app.command()
+def why(job_id: str) -> None:
+    """Why a job went where it did: the ranked offers with their scores, the rejected ones with reasons."""
+    from orchestrator.cli.render import placement_explanation
+
+    with _client() as client:
+        placement_explanation(client.placement(job_id))
+
+
+@app.command()
 def cancel(job_id: str) -> None:
     """Cancel a job; rented capacity is released."""
     with _client() as client:

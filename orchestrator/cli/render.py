@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -59,3 +60,35 @@ def job_detail(job: JobOut) -> None:
             table.add_row(e.at.strftime("%H:%M:%S.%f")[:-3], f"{e.from_status or '-'} → {e.to_status}",
                           str(e.attempt), e.actor, e.reason)
         console.print(table)
+
+
+def placement_explanation(why: dict[str, Any]) -> None:
+    """``gpufleet why``: the choice, the ranked options with score components, the rejections, the history."""
+    console.print(f"[bold]job {why['job_id']}[/] {why['status']} (attempt {why['attempt']})")
+    if why.get("rationale"):
+        console.print(f"placed with [bold]{why['strategy']}[/] (data class {why['data_class']}): {why['rationale']}")
+    if why.get("waiting_for"):
+        console.print(f"[yellow]waiting:[/] {why['waiting_for']}")
+    if why.get("scores"):
+        table = Table(title="fitting offers, best first", header_style="bold")
+        for column in ("#", "offer", "tier", "region", "est. cost", "latency", "errors", "free", "score", "score parts"):
+            table.add_column(column, justify="right" if column in ("#", "est. cost", "latency", "errors", "free", "score")
+                             else "left")
+        for i, row in enumerate(why["scores"], 1):
+            parts = " ".join(f"{k} {v:g}" for k, v in (row.get("components") or {}).items())
+            latency = f"{row['latency_ms']:.0f} ms" if row.get("latency_ms") is not None else "-"
+            table.add_row(str(i), row["offer"], row["tier"], row["region"], money(row["estimated_cost"]), latency,
+                          f"{row['error_rate']:.0%}", str(row["free_capacity"]), f"{row['score']:.3f}", parts)
+        console.print(table)
+    if why.get("rejected"):
+        table = Table(title="rejected", header_style="bold")
+        table.add_column("offer or provider")
+        table.add_column("why not")
+        for name, reason in sorted(why["rejected"].items()):
+            table.add_row(name, reason)
+        console.print(table)
+    history = [h for h in why.get("history", []) if h["actor"] != "api"]
+    if history:
+        console.print("[bold]history[/]")
+        for h in history:
+            console.print(f"  attempt {h['attempt']} {h['actor']}: {h['reason']}", highlight=False)

@@ -1,20 +1,25 @@
 """Placement: choose the provider and offer for a job, and say why.
 
-This issue's policy is "cheapest healthy offer that fits"; the routing engine will
-replace the ranking, not the shape: candidates → filters (each rejection has a reason)
-→ ranking by estimated cost → a Placement carrying its rationale.
+Candidates → filters (requirements, residency, health; each rejection keeps its reason) →
+ranking by the job's strategy (``strategies.py``: every option scored) → a Placement carrying
+its rationale, the scores of what it considered, and the ordered failover list. Scheduling
+policy lives here and in ``strategies.py`` / ``residency.py``, nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from orchestrator.errors import CapacityBusy, NoPlacement
-from providers.base import Offer, PermanentProviderError, Provider, ProviderError, Requirements
+from orchestrator.scheduling import residency
+from orchestrator.scheduling.residency import Policy
+from orchestrator.scheduling.strategies import Option, Ranked, Weights, default_tier, rank
+from providers.base import Offer, PermanentProviderError, Provider, ProviderError, ProviderKind, Requirements
 from providers.gpus import any_gpu_matches
 from providers.regions import any_region_matches
 
@@ -25,6 +30,29 @@ _ESTIMATED_SECONDS = {"inference": 30, "transcription": 120, "training": 3600, "
 
 
 NO_FREE_CAPACITY = "no free capacity"
+MAX_SCORES = 20
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """The configured routing defaults and residency policy (from settings, see ``routing_policy``)."""
+
+    strategy: str = "lowest_cost"
+    weights: Weights = Weights()
+    hybrid_threshold_per_1k: float = 0.001
+    residency: Policy = field(default_factory=Policy)
+
+
+ProviderStats = Callable[[str], tuple[float | None, float]]  # provider → (latency ms, error rate)
+
+
+def routing_policy(settings: Any = None) -> RoutingPolicy:
+    from orchestrator.settings import get_settings
+
+    settings = settings or get_settings()
+    return RoutingPolicy(strategy=settings.placement_strategy, weights=Weights(**settings.placement_weights),
+                         hybrid_threshold_per_1k=settings.hybrid_threshold_per_1k,
+                         residency=residency.load(settings.residency_policy_file))
 
 
 class Candidate(BaseModel):
@@ -39,6 +67,10 @@ class Placement(BaseModel):
     rationale: str
     considered: int
     rejected: dict[str, str]
+    strategy: str = "lowest_cost"
+    data_class: str | None = None
+    # The fitting options as ranked (best first, at most MAX_SCORES): the "why" of the choice.
+    scores: list[dict[str, Any]] = Field(default_factory=list)
     # Every fitting offer, best first: the budget check walks down this list. Not stored with the job.
     candidates: list[Candidate] = Field(default_factory=list, exclude=True)
 
@@ -89,6 +121,16 @@ def rejection(offer: Offer, req: Requirements, kind: str, excluded: set[str]) ->
             return f"{offer.gpu_memory_gb:g} GB GPU memory < {req.min_gpu_memory_gb:g}"
     if req.max_price_per_hour is not None and not usage_priced(offer, kind) and offer.price_per_hour > req.max_price_per_hour:
         return f"${offer.price_per_hour:.2f}/h > max ${req.max_price_per_hour:.2f}/h"
+    if (req.max_price_per_1k_tokens is not None and offer.price_per_1k_tokens is not None
+            and offer.price_per_1k_tokens > req.max_price_per_1k_tokens):
+        return f"${offer.price_per_1k_tokens:g}/1K tokens > max ${req.max_price_per_1k_tokens:g}/1K"
+    if req.context_window is not None and (offer.context_window or 0) < req.context_window:
+        have = f"{offer.context_window} tokens" if offer.context_window else "not declared"
+        return f"context window {have} < {req.context_window} needed"
+    if req.capabilities:
+        missing = sorted(set(req.capabilities) - {*offer.capabilities, *offer.kinds})
+        if missing:
+            return f"missing capability {', '.join(missing)}"
     if req.min_reliability is not None and offer.reliability < req.min_reliability:
         return f"reliability {offer.reliability:.3f} < {req.min_reliability}"
     if req.interruptible is False and offer.interruptible:
@@ -107,11 +149,19 @@ def place(
     requirements: Requirements,
     timeout_seconds: int,
     excluded: set[str] | None = None,
+    *,
+    policy: RoutingPolicy | None = None,
+    stats: ProviderStats | None = None,
+    seed: str = "",
 ) -> Placement:
+    """``stats``: measured (latency ms, error rate) per provider, for latency limits and the score."""
+    policy = policy or routing_policy()
+    data = residency.resolve(policy.residency, requirements.data_class)
+    strategy = requirements.strategy or policy.strategy
     excluded = excluded or set()
     rejected: dict[str, str] = {}
     down = False  # a provider that may come back (unhealthy, API error): worth waiting for
-    fits: list[tuple[bool, float, float, Offer]] = []
+    fits: list[Option] = []
     if requirements.providers:
         for name in requirements.providers:
             if name not in providers:
@@ -119,6 +169,13 @@ def place(
     for name, provider in providers.items():
         if requirements.providers and name not in requirements.providers:
             rejected[name] = "provider not allowed by the job"
+            continue
+        if requirements.exclude_providers and name in requirements.exclude_providers:
+            rejected[name] = "provider excluded by the job"
+            continue
+        latency, error_rate = stats(name) if stats else (None, 0.0)
+        if requirements.max_latency_ms is not None and latency is not None and latency > requirements.max_latency_ms:
+            rejected[name] = f"too slow: {latency:.0f} ms measured > {requirements.max_latency_ms:.0f} ms"
             continue
         try:
             health = provider.health()
@@ -136,12 +193,17 @@ def place(
             down = True
             continue
         for offer in offers:
-            reason = rejection(offer, requirements, kind, excluded)
+            if provider.capabilities:
+                offer = offer.model_copy(update={"capabilities": [*offer.capabilities, *provider.capabilities]})
+            reason = rejection(offer, requirements, kind, excluded) or data.rejection(offer)
             if reason:
                 rejected[offer_key(offer)] = reason
                 continue
-            # Last-resort providers after all others; then cheapest first; among equals, the more reliable.
-            fits.append((provider.last_resort, estimate_cost(offer, kind, spec, timeout_seconds), -offer.reliability, offer))
+            provider_kind = getattr(provider, "kind", ProviderKind.marketplace)
+            fits.append(Option(offer=offer, estimated_cost=estimate_cost(offer, kind, spec, timeout_seconds),
+                               provider_kind=provider_kind, tier=provider.tier or default_tier(provider_kind, offer),
+                               latency_ms=latency, error_rate=error_rate, weight=provider.weight,
+                               priority=provider.priority, last_resort=provider.last_resort))
     if not fits:
         detail = "; ".join(f"{k}: {v}" for k, v in sorted(rejected.items())) or "no provider offers this kind of job"
         if any(reason == NO_FREE_CAPACITY for reason in rejected.values()):
@@ -149,13 +211,30 @@ def place(
         if down:
             raise CapacityBusy(f"nothing fits now and a provider is unavailable ({detail})")
         raise NoPlacement(f"no offer meets the job's constraints ({detail})")
-    fits.sort(key=lambda item: (item[0], item[1], item[2], offer_key(item[3])))
-    last_resort, cost, _, best = fits[0]
-    runner_up = f"; next best {offer_key(fits[1][3])} at ~${fits[1][1]:.4f}" if len(fits) > 1 else ""
+    ranked = rank(fits, strategy, weights=policy.weights, seed=seed, failover_order=requirements.failover_order,
+                  value_per_1k=requirements.max_price_per_1k_tokens, hybrid_threshold_per_1k=policy.hybrid_threshold_per_1k)
+    first = ranked[0].option
+    best, cost = first.offer, first.estimated_cost
+    runner_up = (f"; next best {offer_key(ranked[1].option.offer)} at ~${ranked[1].option.estimated_cost:.4f}"
+                 if len(ranked) > 1 else "")
     price = f"${best.price_per_1k_tokens}/1K tokens" if usage_priced(best, kind) else f"${best.price_per_hour:.2f}/h"
-    how = "last resort, nothing else fits" if last_resort else f"cheapest of {len(fits)} fitting offers"
+    if first.last_resort:
+        how = "last resort, nothing else fits"
+    elif strategy == "lowest_cost":
+        how = f"cheapest of {len(ranked)} fitting offers"
+    else:
+        how = f"{strategy}: first of {len(ranked)} fitting offers"
     rationale = (f"{how}: {offer_key(best)} ({best.gpu or 'cpu'}, {best.region}, "
                  f"{price}, est. ${cost:.4f}){runner_up}; {len(rejected)} rejected")
     return Placement(provider=best.provider, offer=best, estimated_cost=round(cost, 6), rationale=rationale,
-                     considered=len(fits) + len(rejected), rejected=rejected,
-                     candidates=[Candidate(offer=o, estimated_cost=c) for _, c, _, o in fits])
+                     considered=len(ranked) + len(rejected), rejected=rejected, strategy=strategy,
+                     data_class=data.name, scores=[_explained(r) for r in ranked[:MAX_SCORES]],
+                     candidates=[Candidate(offer=r.option.offer, estimated_cost=r.option.estimated_cost) for r in ranked])
+
+
+def _explained(ranked: Ranked) -> dict[str, Any]:
+    o = ranked.option
+    return {"offer": offer_key(o.offer), "tier": o.tier, "estimated_cost": round(o.estimated_cost, 6),
+            "price_per_hour": o.offer.price_per_hour, "price_per_1k_tokens": o.offer.price_per_1k_tokens,
+            "region": o.offer.region, "latency_ms": o.latency_ms, "error_rate": round(o.error_rate, 4),
+            "free_capacity": o.offer.capacity, "score": ranked.score, "components": ranked.components}

@@ -186,6 +186,10 @@ class Client:
     def release_reservation(self, reservation_id: JobId) -> dict[str, Any]:
         return self._request("DELETE", f"/v1/reservations/{reservation_id}")
 
+    def placement(self, job_id: JobId) -> dict[str, Any]:
+        """Why the job went where it did: strategy, scores of the options, rejections, history."""
+        return dict(self._request("GET", f"/v1/jobs/{job_id}/placement"))
+
     def providers(self) -> builtins.list[dict[str, Any]]:
         """Each configured provider: health, latency, capacity and cheapest prices."""
         return list(self._request("GET", "/v1/providers"))

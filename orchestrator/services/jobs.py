@@ -22,6 +22,8 @@ from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.models import Batch, Job, JobEvent
 from orchestrator.domain import BatchOut, JobEventOut, JobOut, JobStatus
 from orchestrator.errors import Conflict, InvalidInput, NotFound
+from orchestrator.scheduling import residency
+from orchestrator.scheduling.placement import routing_policy
 from orchestrator.scheduling.queues import queue_for
 from orchestrator.services import agents
 from orchestrator.services.transitions import transition
@@ -78,12 +80,19 @@ def _same_request(job: Job, req: Any) -> Job:
     return job
 
 
+def _check_routing(req: Any) -> None:
+    """Refuse at the door what placement could never honour: an unknown data class."""
+    if req.requirements.data_class is not None:
+        residency.resolve(routing_policy().residency, req.requirements.data_class)
+
+
 def submit(session: Session, tenant_id: uuid.UUID, req: Any, settings: Settings, actor: str = "api") -> tuple[Job, bool]:
     """Insert one job; returns (job, created). An existing idempotency key returns the original job."""
     if req.idempotency_key:
         found = _existing(session, tenant_id, [req.idempotency_key]).get(req.idempotency_key)
         if found:
             return _same_request(found, req), False
+    _check_routing(req)
     if req.reservation_id:
         agents.check_usable(session, tenant_id, req.reservation_id, req.kind, req.spec.model_dump())
     now = utcnow()
@@ -110,6 +119,7 @@ def submit_batch(session: Session, tenant_id: uuid.UUID, reqs: list[Any], settin
     if len(keys) != len(set(keys)):
         raise Conflict("idempotency_key values must be unique within a batch")
     for req in reqs:
+        _check_routing(req)
         if req.reservation_id:
             agents.check_usable(session, tenant_id, req.reservation_id, req.kind, req.spec.model_dump())
     existing = _existing(session, tenant_id, keys)

@@ -205,7 +205,8 @@ def dispatch(
         return
     try:
         placement = place(
-            get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, set(job.excluded_offers)
+            get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, set(job.excluded_offers),
+            seed=f"{job.id}:{job.attempt}",
         )
     except CapacityBusy as exc:
         _wait_for_capacity(job, str(exc), actor)

@@ -9,7 +9,7 @@ import pytest
 from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import estimate_cost, offer_key, place
 from orchestrator.scheduling.queues import provider_queue, queue_for
-from providers.base import Health, JobSpec, Offer, Provider, Requirements, TransientProviderError
+from providers.base import Health, JobSpec, Offer, Provider, ProviderKind, Requirements, TransientProviderError
 from providers.local import LocalProvider
 from providers.sandbox import SandboxProvider
 
@@ -298,3 +298,73 @@ def test_a_last_resort_provider_serves_only_when_nothing_else_fits(providers) ->
     assert _place(registry, gpu=["A100"]).offer.offer_id == "a100"  # dearer, but not the last resort
     placement = _place(registry, gpu=["A100"], excluded={"sandbox/a100"})
     assert placement.offer.offer_id == "free-a100" and placement.rationale.startswith("last resort")
+
+
+# --- routing: requirements, residency, strategies, explanations -------------------------------------
+
+def _api(name: str, per_1k: float, **extra: object) -> _Stub:
+    extra = {"region": "global", "capacity": 4, **extra}
+    offer = Offer(provider=name, offer_id="m", price_per_1k_tokens=per_1k, kinds=["inference"], **extra)  # type: ignore[arg-type]
+    stub = _Stub(name, [offer])
+    stub.kind = ProviderKind.model_api  # type: ignore[misc]
+    return stub
+
+
+CHAT = {"model": "m", "prompt": "hello", "max_tokens": 50}
+
+
+def test_token_price_context_capability_and_deny_filters_say_why() -> None:
+    cheap, big = _api("cheap", 0.0001, context_window=8_000), _api("big", 0.003, context_window=200_000)
+    big.capabilities = ("reasoning",)
+    registry = {"cheap": cheap, "big": big}
+    assert _place(registry, "inference", CHAT).provider == "cheap"
+    long = _place(registry, "inference", CHAT, context_window=100_000)
+    assert long.provider == "big" and "context window 8000 tokens < 100000" in long.rejected["cheap/m"]
+    assert _place(registry, "inference", CHAT, capabilities=["reasoning"]).provider == "big"
+    with pytest.raises(NoPlacement, match=r"big/m: \$0.003/1K tokens > max"):
+        _place(registry, "inference", CHAT, max_price_per_1k_tokens=0.001, exclude_providers=["cheap"])
+
+
+def test_latency_limit_uses_measurements() -> None:
+    registry = {"slow": _api("slow", 0.0001), "fast": _api("fast", 0.0005)}
+    stats = {"slow": (2500.0, 0.0), "fast": (200.0, 0.1)}
+    placement = place(registry, "inference", CHAT, Requirements(max_latency_ms=1000), 60, stats=stats.get)
+    assert placement.provider == "fast" and placement.rejected["slow"].startswith("too slow: 2500 ms")
+    by_latency = place(registry, "inference", CHAT, Requirements(strategy="lowest_latency"), 60, stats=stats.get)
+    assert by_latency.provider == "fast" and by_latency.strategy == "lowest_latency"
+    assert [s["offer"] for s in by_latency.scores] == ["fast/m", "slow/m"]
+    assert by_latency.scores[1]["components"]["latency"] > 0 and by_latency.scores[0]["latency_ms"] == 200.0
+
+
+def test_residency_keeps_data_in_its_regions_and_says_so() -> None:
+    from orchestrator.errors import InvalidInput
+    from orchestrator.scheduling.placement import RoutingPolicy
+    from orchestrator.scheduling.residency import DataClassRule, Policy
+
+    policy = RoutingPolicy(residency=Policy(default_class="public", classes={
+        "public": DataClassRule(), "pii-eu": DataClassRule(regions=["EU"], replication=False)}))
+    registry = {"us": _api("us", 0.0001, region="us-east-1"), "eu": _api("eu", 0.0009, region="eu-central-1"),
+                "uk": _api("uk", 0.0002, region="eu-west-2")}
+    assert place(registry, "inference", CHAT, Requirements(), 60, policy=policy).provider == "us"
+    eu = place(registry, "inference", CHAT, Requirements(data_class="pii-eu"), 60, policy=policy)
+    assert eu.provider == "eu" and eu.data_class == "pii-eu"
+    assert "region eu-west-2 not allowed for data class 'pii-eu'" in eu.rejected["uk/m"]
+    registry["eu"] = _api("eu", 0.0009, region="eu-central-1", capacity=0)
+    with pytest.raises(CapacityBusy):  # the EU offer is full: wait, never go elsewhere
+        place(registry, "inference", CHAT, Requirements(data_class="pii-eu"), 60, policy=policy)
+    with pytest.raises(InvalidInput, match="unknown data class 'secret'"):
+        place(registry, "inference", CHAT, Requirements(data_class="secret"), 60, policy=policy)
+
+
+def test_strategy_from_policy_or_job_and_provider_tiers(providers) -> None:  # type: ignore[no-untyped-def]
+    from orchestrator.scheduling.placement import RoutingPolicy
+
+    pool, api = _api("pool", 0.002), _api("api", 0.0001)
+    pool.kind = ProviderKind.self_hosted  # type: ignore[misc]
+    registry = {"pool": pool, "api": api}
+    assert place(registry, "inference", CHAT, Requirements(), 60).provider == "api"
+    tiered = place(registry, "inference", CHAT, Requirements(), 60, policy=RoutingPolicy(strategy="tiered"))
+    assert tiered.provider == "pool" and tiered.rationale.startswith("tiered: first of 2")
+    assert [s["tier"] for s in tiered.scores] == ["primary", "tertiary"]
+    ordered = place(registry, "inference", CHAT, Requirements(strategy="failover", failover_order=["pool", "api"]), 60)
+    assert ordered.provider == "pool"

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from orchestrator.db.engine import session_scope
 from orchestrator.domain import JOB_KINDS, BatchCreate, JobCreate, JobOut, JobPage, JobStatus
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import jobs, messaging, reports
+from orchestrator.services import explain, jobs, messaging, reports
 
 from ..deps import SettingsDep, TenantDep, bearer_scheme
 
@@ -45,6 +45,14 @@ def get_job(job_id: uuid.UUID, tenant: TenantDep, events: bool = True) -> JobOut
     with session_scope() as s:
         job = jobs.get_job(s, tenant, job_id)
         return jobs.to_out(job, jobs.events_for(s, job_id) if events else None)
+
+
+@router.get("/{job_id}/placement", name="explain_placement")
+def explain_placement(job_id: uuid.UUID, tenant: TenantDep) -> dict[str, object]:
+    """Why the job went where it did: strategy, data class, each fitting option's score components,
+    each rejected option's reason, and the attempt history."""
+    with session_scope() as s:
+        return explain.explain(s, tenant, job_id)
 
 
 @router.get("", response_model=JobPage, name="list_jobs")
