@@ -15,7 +15,7 @@ Config keys (both adapters unless noted):
   stored in results or put in error messages. ``null`` means the server needs no key (a local
   vLLM). A missing variable makes health not ok and offers empty.
 - ``models``: model name (what jobs ask for in ``spec.model``) → ``{input_per_1k, output_per_1k,
-  context_window?, upstream?}``: USD per 1K input/output tokens, the context size (jobs whose
+  context_window?, upstream?, capabilities?}``: USD per 1K input/output tokens, the context size (jobs whose
   estimated prompt + max_tokens exceed it get no offer) and the id the API knows the model by
   (default: the name itself). A transcription model (OpenAI-compatible only, e.g. ``whisper-1``)
   is priced ``{per_minute}`` of audio instead. Required.

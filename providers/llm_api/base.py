@@ -126,7 +126,8 @@ class ModelAPIProvider(Provider):
                 continue  # the API would refuse it; another provider's model may have room
             offers.append(Offer(provider=self.name, offer_id=model, region=self.region, price_per_hour=0.0,
                                 price_per_1k_tokens=blended_per_1k(price, spec), capacity=capacity,
-                                kinds=list(self.kinds), data={"model": model}))
+                                kinds=list(self.kinds), context_window=price.context_window,
+                                capabilities=list(price.capabilities), data={"model": model}))
         return offers
 
     def reserve(self, offer: Offer, job: JobSpec) -> Lease:

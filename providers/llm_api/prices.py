@@ -30,6 +30,7 @@ class ModelPrice(BaseModel):
     per_minute: float | None = Field(default=None, ge=0)
     context_window: int | None = Field(default=None, gt=0)
     upstream: str | None = Field(default=None, min_length=1)
+    capabilities: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod

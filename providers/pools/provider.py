@@ -14,7 +14,8 @@ Config keys (registry type ``pool``):
 - ``kinds``: job kinds served, default ``["inference"]``; may include ``"transcription"``.
 - ``models``: model names served; empty means any (the server decides).
 - ``concurrency``: request slots, default 4. Capacity = slots minus requests this process has in flight.
-- ``gpu``, ``gpu_count`` (default 1 with a gpu, else 0), ``gpu_memory_gb``, ``region`` (default ``on-prem``).
+- ``gpu``, ``gpu_count`` (default 1 with a gpu, else 0), ``gpu_memory_gb``, ``region`` (default ``on-prem``),
+  ``context_window`` (tokens the served models accept, if declared: jobs may require a size).
 - ``price_per_hour``: what the whole pool costs per hour (amortised or billed), default 0.
 - ``price_per_1k_tokens``: a fixed per-token price; wins over the derivation below when set.
 - ``assumed_tokens_per_second``: whole-pool throughput assumed until measured, default 500.
@@ -105,6 +106,8 @@ class PoolProvider(Provider):
         self.gpu_count = int(c.get("gpu_count", 1 if self.gpu else 0))
         self.gpu_memory_gb = float(c.get("gpu_memory_gb", 0))
         self.region = str(c.get("region", "on-prem"))
+        # The served models' context size, if the operator declares it (jobs may require one).
+        self.context_window = int(c["context_window"]) if c.get("context_window") else None
         self.price_per_hour = float(c.get("price_per_hour", 0.0))
         fixed = c.get("price_per_1k_tokens")
         self.fixed_price_per_1k: float | None = float(fixed) if fixed is not None else None
@@ -153,7 +156,7 @@ class PoolProvider(Provider):
             provider=self.name, offer_id="pool", gpu=self.gpu, gpu_count=self.gpu_count,
             gpu_memory_gb=self.gpu_memory_gb, region=self.region, price_per_hour=0.0,
             price_per_1k_tokens=self.price_per_1k_tokens(kind), capacity=max(0, self.concurrency - self._stats.in_flight),
-            kinds=list(self.kinds), data={"model": model} if model else {},
+            kinds=list(self.kinds), context_window=self.context_window, data={"model": model} if model else {},
         )]
 
     def reserve(self, offer: Offer, job: JobSpec) -> Lease:
