@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     placement_weights: dict[str, float] = Field(default_factory=dict)
     hybrid_threshold_per_1k: float = Field(default=0.001, ge=0)
     residency_policy_file: Path | None = None
+    # A job nothing can take right now (all full, unhealthy or over budget) waits and retries with
+    # exponential backoff between these bounds, for at most max_wait_seconds (and its own timeout).
+    capacity_retry_seconds: float = Field(default=2.0, gt=0)
+    capacity_retry_max_seconds: float = Field(default=30.0, gt=0)
+    max_wait_seconds: int = Field(default=24 * 3600, ge=0)
     # How long POST /v1/chat/completions holds the connection before answering 504 (the job goes on).
     front_door_timeout_seconds: float = Field(default=300.0, gt=0)
     # How often pool providers (ASG, MIG) are resized from their queue depth.

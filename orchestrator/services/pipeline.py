@@ -39,10 +39,12 @@ from orchestrator.storage import StorageError, configured_storage
 from providers.base import (
     JobSpec,
     Lease,
+    NoCapacity,
     Offer,
     PermanentProviderError,
     Provider,
     ProviderError,
+    ProviderKind,
     Requirements,
     RunHandle,
     RunStatus,
@@ -54,8 +56,10 @@ log = logging.getLogger(__name__)
 
 FIRST_POLL_DELAY = 0.25
 MAX_POLL_DELAY = 5.0
-CAPACITY_RETRY_SECONDS = 2.0
-MAX_CAPACITY_RETRY_SECONDS = 30.0
+# Providers whose capacity is a fixed set of slots every job shares (warm pools, this machine). Placement
+# counts free slots but does not hold them, so jobs placed at once can race for the last one; the loser's
+# NoCapacity means "busy for a moment", not "this offer cannot serve you": it waits, and keeps its attempt.
+SHARED_SLOT_KINDS = frozenset({ProviderKind.cloud_pool, ProviderKind.self_hosted, ProviderKind.local})
 S = JobStatus
 
 
@@ -347,18 +351,20 @@ def _wait_for_capacity(job: Snapshot, reason: str, actor: str) -> None:
     """Everything that fits is busy: stay queued and place again shortly, until the job's timeout."""
     settings = get_settings()
     waited = (utcnow() - job.created_at).total_seconds() if job.created_at else 0.0
-    if waited > job.timeout_seconds:
+    limit = min(job.timeout_seconds, settings.max_wait_seconds)
+    if waited > limit:
         advance(
             job.id,
             expected=S.queued,
             attempt=job.attempt,
             to=S.failed,
             actor=actor,
-            reason=f"gave up waiting for capacity after {job.timeout_seconds}s: {reason}",
-            values={"error": f"no capacity within {job.timeout_seconds}s: {reason}", "next_check_at": None},
+            reason=f"gave up waiting for capacity after {limit}s: {reason}",
+            values={"error": f"no capacity within {limit}s: {reason}", "next_check_at": None},
         )
         return
-    delay = min(MAX_CAPACITY_RETRY_SECONDS, CAPACITY_RETRY_SECONDS * (1 + waited / 10))
+    # Exponential backoff: each wait is half the time waited so far, between the configured bounds.
+    delay = min(settings.capacity_retry_max_seconds, max(settings.capacity_retry_seconds, waited / 2))
     note = f"waiting for capacity: {reason}"
     with session_scope() as s:
         moved = rows_changed(
@@ -417,6 +423,9 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         lease = provider.reserve(offer, spec)
     except ProviderError as exc:
         reservations.fail(rid, f"reserve failed: {exc}")
+        if isinstance(exc, NoCapacity) and provider.kind in SHARED_SLOT_KINDS:
+            _busy(job, f"{offer_key(offer)} is busy: {exc}", actor)
+            return
         _fail(job, f"reserve on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
     try:
@@ -453,6 +462,17 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     messaging.send(
         messaging.POLL, [str(job_id), attempt, FIRST_POLL_DELAY * 2], provider_queue(provider.name), countdown=FIRST_POLL_DELAY
     )
+
+
+def _busy(job: Snapshot, reason: str, actor: str) -> None:
+    """Shared slots were all taken when we got to them: back to the queue on the same attempt, with no
+    offer excluded, to be placed again shortly (dispatch gives up at the job's timeout, as for any wait)."""
+    note = f"waiting for capacity: {reason}"
+    delay = get_settings().capacity_retry_seconds
+    moved = advance(job.id, expected=S.running, attempt=job.attempt, to=S.queued, actor=actor, reason=note,
+                    values={"error": note, "next_check_at": _grace(get_settings(), delay)})
+    if moved:
+        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt], job.queue, countdown=delay)
 
 
 # --- poll ---------------------------------------------------------------------------------
