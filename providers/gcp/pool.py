@@ -114,10 +114,12 @@ class GCPPoolProvider(Provider):
         pool = self._template
         if kind not in pool.kinds or (model and pool.models and model not in pool.models):
             return []
+        if self.limits.max_size == 0:
+            return []  # can never serve: better "no offer" than jobs waiting forever
         serving = self._serving()
-        capacity = len(serving) * self.limits.member_concurrency - self._in_flight
-        if capacity <= 0:
-            return []
+        # No free slot (none RUNNING yet, e.g. scaled to zero) is still an offer, of zero capacity: placement
+        # then keeps the job queued, where the autoscaler counts it and grows the group, instead of failing it.
+        capacity = max(0, len(serving) * self.limits.member_concurrency - self._in_flight)
         offer = Offer(provider=self.name, offer_id=f"mig:{self.group}", gpu=pool.gpu, gpu_count=pool.gpu_count,
                       gpu_memory_gb=pool.gpu_memory_gb, region=self.region, price_per_hour=0.0,
                       price_per_1k_tokens=pool.price_per_1k_tokens(kind), capacity=capacity, kinds=list(pool.kinds),

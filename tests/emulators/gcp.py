@@ -169,6 +169,13 @@ class GCPEmulator(LoopbackServer):
             inst = self._instances[(zone, name)]
             inst.terminated_at, inst.gone_delay = time.time(), gone_after
 
+    def power_off(self, zone: str, name: str) -> None:
+        """The guest powered itself off (``shutdown -h now``): TERMINATED, and kept until deleted."""
+        with self._lock:
+            inst = self._instances[(zone, name)]
+            if inst.terminated_at is None:
+                inst.terminated_at, inst.gone_delay = time.time(), float("inf")
+
     def add_instance(self, project: str, zone: str, name: str, labels: dict[str, str] | None = None) -> None:
         """An instance made outside the adapter (someone else's, or ours from an earlier run)."""
         with self._lock:

@@ -310,10 +310,13 @@ def test_pool_offers_capacity_from_running_members_and_serves_a_chat(emu: GCPEmu
         pool.release(lease)
 
 
-def test_pool_without_running_members_offers_nothing(emu: GCPEmulator) -> None:
+def test_pool_without_running_members_offers_no_capacity_so_jobs_wait(emu: GCPEmulator) -> None:
     emu.add_group(PROJECT, US, "llm-pool", size=2, running=False)
     pool = make_pool(emu, "http://127.0.0.1:9")
-    assert pool.offers(Requirements(), "inference", {"model": "llama-3-8b"}) == []
+    [empty] = pool.offers(Requirements(), "inference", {"model": "llama-3-8b"})
+    assert empty.capacity == 0 and empty.data["members"] == []  # placement keeps the job queued; autoscale grows
+    assert make_pool(emu, "http://127.0.0.1:9", min_size=0, max_size=0).offers(
+        Requirements(), "inference", {"model": "llama-3-8b"}) == []  # a group that may never grow offers nothing
 
 
 def test_pool_member_url_template_picks_a_running_member(emu: GCPEmulator) -> None:
@@ -356,14 +359,14 @@ def test_autoscale_scales_to_min_size_after_idle_seconds(emu: GCPEmulator, tmp_p
     assert down and "shrink from 3 to min_size 0" in down and emu.resizes() == [0]
     time.sleep(0.2)
     assert emu.group(US, "llm-pool")["members"] == []
-    assert pool.offers(Requirements(), "inference", {"model": "llama-3-8b"}) == []
+    assert pool.offers(Requirements(), "inference", {"model": "llama-3-8b"})[0].capacity == 0
 
 
 def test_autoscale_members_appear_after_a_resize(emu: GCPEmulator) -> None:
     emu.add_group(PROJECT, US, "llm-pool", size=0)
     pool = make_pool(emu, "http://127.0.0.1:9", scale_cooldown_seconds=0)
     pool.autoscale(4)
-    assert pool.offers(Requirements(), "inference", {"model": "llama-3-8b"}) == []  # still booting
+    assert pool.offers(Requirements(), "inference", {"model": "llama-3-8b"})[0].capacity == 0  # still booting
     time.sleep(emu.member_boot_delay + 0.05)
     [found] = pool.offers(Requirements(), "inference", {"model": "llama-3-8b"})
     assert found.capacity == 4 and len(found.data["members"]) == 2
