@@ -82,6 +82,7 @@ class DistillationSpec(_Spec):
     student_model: str = Field(min_length=1, max_length=200)
     prompts: list[str] = Field(min_length=1, max_length=10_000)
     max_tokens: int = Field(default=256, ge=1, le=200_000)
+    tags: list[str] = Field(default_factory=list, max_length=20)
 
 
 class CommandSpec(_Spec):
@@ -119,9 +120,18 @@ class _JobCreateBase(BaseModel):
         default=None, description="Run on this standalone reservation's capacity instead of renting new capacity.")
 
 
+class DistillOptions(_Spec):
+    """Also send this request to a student model and keep the pair for training (the caller still gets
+    the teacher's answer, never waiting for the student)."""
+
+    student_model: str = Field(min_length=1, max_length=200)
+    tags: list[str] = Field(default_factory=list, max_length=20)
+
+
 class InferenceJob(_JobCreateBase):
     kind: Literal["inference"]
     spec: InferenceSpec
+    distill: DistillOptions | None = None
 
 
 class TranscriptionJob(_JobCreateBase):

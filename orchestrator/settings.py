@@ -97,6 +97,17 @@ class Settings(BaseSettings):
     capacity_retry_seconds: float = Field(default=2.0, gt=0)
     capacity_retry_max_seconds: float = Field(default=30.0, gt=0)
     max_wait_seconds: int = Field(default=24 * 3600, ge=0)
+    # Distillation: pairs scoring below the threshold are kept but not exported; a judge model grades
+    # teacher answers (else their agreement with the student does); pairs older than the retention
+    # are deleted; after this many new accepted pairs a student is trained again (0: only on request).
+    distill_quality_threshold: float = Field(default=0.8, ge=0, le=1)
+    distill_judge_model: str = ""
+    distill_retention_days: int = Field(default=90, ge=1)
+    distill_auto_train_pairs: int = Field(default=0, ge=0)
+    distill_test_fraction: float = Field(default=0.1, ge=0, lt=1)
+    # The training command for students (its env: GPUFLEET_TRAIN_DATA, GPUFLEET_VALIDATION_DATA,
+    # GPUFLEET_BASE_MODEL, GPUFLEET_ARTIFACT_URI…); default: the small stand-in trainer.
+    distill_train_command: str = ""
     # How long POST /v1/chat/completions holds the connection before answering 504 (the job goes on).
     front_door_timeout_seconds: float = Field(default=300.0, gt=0)
     # How often pool providers (ASG, MIG) are resized from their queue depth.

@@ -55,6 +55,11 @@ def make_app(settings: Settings) -> Celery:
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.sweep_interval_seconds * 3},
             },
+            "distillation-upkeep": {
+                "task": messaging.DISTILL_UPKEEP,
+                "schedule": 300.0,
+                "options": {"queue": CONTROL_QUEUE, "expires": 600},
+            },
             "autoscale-pools": {
                 "task": messaging.AUTOSCALE,
                 "schedule": settings.autoscale_interval_seconds,

@@ -58,3 +58,26 @@ def sweep() -> dict[str, int]:
 @shared_task(name=messaging.AUTOSCALE)
 def autoscale() -> dict[str, str]:
     return autoscaler.autoscale()
+
+
+@shared_task(name=messaging.AFTER_TRAINING)
+def after_training(job_id: str) -> None:
+    from orchestrator.distillation import training
+
+    version_id = training.on_trained(uuid.UUID(job_id))
+    if version_id is not None:
+        messaging.send(messaging.EVALUATE_MODEL, [str(version_id)], "distillation")
+
+
+@shared_task(name=messaging.EVALUATE_MODEL)
+def evaluate_model(version_id: str) -> dict[str, object]:
+    from orchestrator.distillation import evaluation
+
+    return evaluation.evaluate(uuid.UUID(version_id))
+
+
+@shared_task(name=messaging.DISTILL_UPKEEP)
+def distill_upkeep() -> dict[str, int]:
+    from orchestrator.distillation import maintenance
+
+    return maintenance.maintain()

@@ -10,7 +10,7 @@ from fastapi.routing import APIRoute
 
 from orchestrator.api import errors
 from orchestrator.api.limits import BodySizeLimit
-from orchestrator.api.routers import batches, costs, jobs, openai_compat, reservations, system
+from orchestrator.api.routers import batches, costs, distillation, jobs, openai_compat, reservations, system
 from orchestrator.bootstrap import prepare_database
 from orchestrator.settings import Settings, get_settings
 
@@ -31,7 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Submit AI jobs; gpufleet places them on the cheapest capacity that fits.")
     app.state.settings = settings
     errors.install(app)
-    for router in (jobs.router, batches.router, reservations.router, costs.router, system.router, openai_compat.router):
+    for router in (jobs.router, batches.router, reservations.router, costs.router, system.router, openai_compat.router,
+                   distillation.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_payload_bytes)
     return app

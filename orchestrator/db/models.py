@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -128,6 +129,9 @@ class Job(Base):
     callback_token_hash: Mapped[str | None] = mapped_column(String(64))
     # When the agent on the reservation took this job (jobs on an existing reservation only).
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The teacher/student pair this job answers for (distillation), and which side it is.
+    pair_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    pair_role: Mapped[str | None] = mapped_column(String(16))
 
 
 class JobEvent(Base):
@@ -244,3 +248,89 @@ class CostEntry(Base):
 JOBS: Table = Job.__table__  # type: ignore[assignment]
 JOB_EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
 RESERVATIONS: Table = Reservation.__table__  # type: ignore[assignment]
+
+
+class DistillationPair(Base):
+    """One input answered by a teacher and a student: what the student learns from, and how well it
+    already agrees. Written when the request arrives (``pending``), completed when both answers are in.
+    Indexed for streaming exports by time, model pair and acceptance; old rows are deleted in batches
+    by the retention sweep, so the table does not grow without bound."""
+
+    __tablename__ = "distillation_pairs"
+    __table_args__ = (
+        Index("ix_distillation_pairs_tenant_created", "tenant_id", "created_at"),
+        Index("ix_distillation_pairs_models_created", "teacher_model", "student_model", "created_at"),
+        Index("ix_distillation_pairs_accepted_created", "accepted", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | complete | failed
+    source: Mapped[str] = mapped_column(String(16), default="query")  # query | job | inference | shadow
+    teacher_model: Mapped[str] = mapped_column(String(200))
+    student_model: Mapped[str] = mapped_column(String(200))
+    tags: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+    parent_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    teacher_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    student_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    teacher_output: Mapped[str | None] = mapped_column(Text)
+    student_output: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    teacher_tokens: Mapped[int | None] = mapped_column(Integer)
+    student_tokens: Mapped[int | None] = mapped_column(Integer)
+    teacher_latency_ms: Mapped[float | None] = mapped_column(Float)
+    student_latency_ms: Mapped[float | None] = mapped_column(Float)
+    teacher_cost: Mapped[float | None] = mapped_column(Float)
+    student_cost: Mapped[float | None] = mapped_column(Float)
+    teacher_logprob: Mapped[float | None] = mapped_column(Float)
+    # Quality of the teacher's answer as training data (0..1) and how it was judged.
+    score: Mapped[float | None] = mapped_column(Float)
+    score_method: Mapped[str | None] = mapped_column(String(16))
+    # How closely the student's answer matches the teacher's (0..1): the evaluation signal.
+    agreement: Mapped[float | None] = mapped_column(Float)
+    accepted: Mapped[bool | None] = mapped_column(Boolean)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ModelVersion(Base):
+    """A trained student in the registry: where its weights are, how it scored, which stage it is in."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(16), default="staging")  # staging | production | archived
+    artifact_uri: Mapped[str | None] = mapped_column(String(2000))
+    # The model name inference jobs use to reach this version (what a provider serves it as).
+    served_model: Mapped[str | None] = mapped_column(String(200))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    training_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TrafficRoute(Base):
+    """How much of a teacher model's traffic the production student takes (canary), and how much of
+    the student's traffic is still shadowed by the teacher to keep measuring it."""
+
+    __tablename__ = "traffic_routes"
+    __table_args__ = (UniqueConstraint("tenant_id", "teacher_model"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    teacher_model: Mapped[str] = mapped_column(String(200))
+    student_name: Mapped[str] = mapped_column(String(200))
+    share: Mapped[float] = mapped_column(Float, default=0.0)
+    shadow_rate: Mapped[float] = mapped_column(Float, default=0.1)
+    auto: Mapped[bool] = mapped_column(Boolean, default=True)
+    step: Mapped[float] = mapped_column(Float, default=0.1)
+    max_share: Mapped[float] = mapped_column(Float, default=0.9)
+    min_agreement: Mapped[float] = mapped_column(Float, default=0.8)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())

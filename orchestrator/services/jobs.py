@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, tuple_
+from sqlalchemy import event, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -62,6 +62,25 @@ def _row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime, batc
     }
 
 
+def build_row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime) -> dict[str, Any]:
+    """A job row for work the orchestrator creates itself (a distillation pair's teacher and student)."""
+    return _row(tenant_id, req, settings, now, None)
+
+
+def insert_rows(session: Session, rows: list[dict[str, Any]], actor: str) -> None:
+    now = utcnow()
+    session.execute(insert(Job), rows)
+    session.execute(insert(JobEvent), [_event(r, now, actor) for r in rows])
+
+
+def dispatch_rows(rows: list[dict[str, Any]]) -> None:
+    """After commit: publish their dispatch messages (the sweeper publishes any that are lost)."""
+    from orchestrator.services import messaging
+
+    if rows:
+        messaging.send_dispatches((r["id"], 1, r["queue"]) for r in rows)
+
+
 def _event(row: dict[str, Any], now: datetime, actor: str) -> dict[str, Any]:
     return {"job_id": row["id"], "at": now, "from_status": None, "to_status": "queued", "attempt": 1,
             "actor": actor, "reason": f"submitted to queue {row['queue']}", "data": None}
@@ -78,6 +97,40 @@ def _same_request(job: Job, req: Any) -> Job:
     if job.request_hash != request_hash(req):
         raise Conflict(f"idempotency_key {req.idempotency_key!r} was already used for a different request (job {job.id})")
     return job
+
+
+def _distillation(session: Session, tenant_id: uuid.UUID, req: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Inference for a teacher model may go to its production student (traffic shift, maybe shadowed
+    by the teacher), or be flagged to pair with a student; returns the extra job rows this creates."""
+    if req.kind != "inference":
+        return []
+    from orchestrator.distillation import pairs, traffic
+
+    rule = residency.resolve(routing_policy().residency, req.requirements.data_class).rule
+    spec = row["spec"]
+    messages = spec.get("messages") or [{"role": "user", "content": spec.get("prompt", "")}]
+    routed = traffic.route(session, tenant_id, spec["model"], seed=str(row["id"]))
+    if routed is not None:
+        row["spec"] = {**spec, "model": routed.served_model}
+        row["labels"] = {**row["labels"], "route": f"student {routed.student_name} v{routed.version}"}
+        if not routed.shadow or not rule.replication:
+            return []
+        shadow = pairs.PairRequest(teacher_model=spec["model"], student_model=routed.served_model, messages=messages,
+                                   max_tokens=spec.get("max_tokens", 256), requirements=row["requirements"])
+        return pairs.pair_existing(session, row, pairs.STUDENT, shadow, source="shadow")
+    if req.distill is None:
+        return []
+    if not rule.replication:
+        raise InvalidInput("distill", "this request's data class forbids sending it to a second model")
+    flagged = pairs.PairRequest(teacher_model=spec["model"], student_model=req.distill.student_model, messages=messages,
+                                max_tokens=spec.get("max_tokens", 256), tags=req.distill.tags,
+                                requirements=row["requirements"])
+    return pairs.pair_existing(session, row, pairs.TEACHER, flagged, source="inference")
+
+
+def _dispatch_after_commit(session: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        event.listen(session, "after_commit", lambda _s: dispatch_rows(rows), once=True)
 
 
 def _check_routing(req: Any) -> None:
@@ -99,8 +152,10 @@ def submit(session: Session, tenant_id: uuid.UUID, req: Any, settings: Settings,
     row = _row(tenant_id, req, settings, now, None)
     try:
         with session.begin_nested():
+            paired = _distillation(session, tenant_id, req, row)
             session.execute(insert(Job), [row])
             session.execute(insert(JobEvent), [_event(row, now, actor)])
+            _dispatch_after_commit(session, paired)
     except IntegrityError:
         # A concurrent submit with the same key won the race: return its job.
         found = _existing(session, tenant_id, [req.idempotency_key]).get(req.idempotency_key) if req.idempotency_key else None
@@ -126,15 +181,17 @@ def submit_batch(session: Session, tenant_id: uuid.UUID, reqs: list[Any], settin
     now = utcnow()
     batch_id = uuid.uuid4()
     session.execute(insert(Batch), [{"id": batch_id, "tenant_id": tenant_id, "size": len(reqs), "created_at": now}])
-    rows, reused = [], []
+    rows, reused, paired = [], [], []
     for req in reqs:
         if req.idempotency_key in existing:
             reused.append(_same_request(existing[req.idempotency_key], req))
         else:
             rows.append(_row(tenant_id, req, settings, now, batch_id))
+            paired += _distillation(session, tenant_id, req, rows[-1])
     if rows:
         session.execute(insert(Job), rows)
         session.execute(insert(JobEvent), [_event(r, now, actor) for r in rows])
+    _dispatch_after_commit(session, paired)
     return batch_id, rows, reused
 
 
@@ -215,3 +272,21 @@ def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, actor: str
             return job, job.run_handle is not None and job.released_at is None
         session.expire(job)  # it moved under us: look again
     raise Conflict(f"job {job_id} is changing too fast to cancel; try again")
+
+
+def wait_for(tenant_id: uuid.UUID, job_id: uuid.UUID, timeout: float) -> JobOut:
+    """Block (polling the row, from 20 ms up to 250 ms apart) until the job ends or ``timeout`` passes:
+    for API calls that answer with a job's result (the front door, distillation queries)."""
+    import time
+
+    from orchestrator.db.engine import session_scope
+
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        with session_scope() as s:
+            out = to_out(get_job(s, tenant_id, job_id))
+        if out.status.terminal or time.monotonic() >= deadline:
+            return out
+        time.sleep(delay)
+        delay = min(0.25, delay * 1.5)

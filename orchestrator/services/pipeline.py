@@ -88,6 +88,8 @@ class Snapshot:
     reservation_id: uuid.UUID | None
     report: dict[str, Any] | None
     use_reservation_id: uuid.UUID | None
+    pair_id: uuid.UUID | None
+    labels: dict[str, Any]
 
 
 _T = JOBS.c
@@ -113,6 +115,8 @@ _COLUMNS = (
     Job.reservation_id,
     Job.report,
     Job.use_reservation_id,
+    Job.pair_id,
+    Job.labels,
 )
 
 
@@ -206,6 +210,11 @@ def dispatch(
         return
     if job.use_reservation_id:
         _bind_to_reservation(job, job.use_reservation_id, actor)
+        return
+    if job.kind == "distillation":  # placed nowhere itself: a teacher/student pair per prompt
+        from orchestrator.distillation import pairs
+
+        pairs.fan_out(job_id, attempt, actor)
         return
     try:
         placement = place(
@@ -558,7 +567,7 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
         "run_handle": handle.model_dump(mode="json"),
     }
     if status.state == "succeeded":
-        advance(
+        ended = advance(
             job.id,
             expected=S.running,
             attempt=job.attempt,
@@ -568,7 +577,21 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
             values={**done, "error": None},
         )
     else:
-        _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
+        ended = _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
+    if ended and job.pair_id is not None:
+        _record_pair(job.id)
+    if ended and status.state == "succeeded" and "distill_student" in (job.labels or {}):
+        messaging.send(messaging.AFTER_TRAINING, [str(job.id)], "distillation")  # register + evaluate the student
+
+
+def _record_pair(job_id: uuid.UUID) -> None:
+    """A distillation pair's job ended: its answer goes into the pair (a failure here must not undo the job)."""
+    from orchestrator.distillation import pairs
+
+    try:
+        pairs.record(job_id)
+    except Exception:
+        log.exception("recording job %s into its distillation pair failed", job_id)
 
 
 def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None) -> bool:

@@ -28,7 +28,7 @@ from providers.base import (
     RunStatus,
 )
 from providers.local import processes
-from providers.sandbox import models
+from providers.sandbox import models, standin
 from providers.sandbox.market import DEFAULT_OFFERS, Ledger, SandboxOffer
 
 
@@ -148,6 +148,9 @@ class SandboxProvider(Provider):
         return Health(ok=True, detail=f"{len(self.catalog)} offers")
 
 
+STANDIN = "standin:"
+
+
 def _usage_priced(offer: SandboxOffer, kind: str) -> bool:
     return offer.price_per_1k_tokens is not None and kind in ("inference", "transcription")
 
@@ -170,6 +173,11 @@ def _training_steps(spec: dict[str, Any]) -> int:
 
 def _emulate(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "inference":
+        if str(spec["model"]).startswith(STANDIN):  # a student trained by the stand-in trainer
+            prompt = models.prompt_text(spec)
+            text = standin.answer(spec["model"][len(STANDIN):], prompt)
+            used = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+            return {"text": text, "model": spec["model"], "usage": {**used, "total_tokens": sum(used.values())}}
         return models.complete(spec["model"], models.prompt_text(spec), int(spec.get("max_tokens", 256)))
     if kind == "transcription":
         return models.transcribe(spec.get("model", "whisper-large-v3"), spec["audio_url"],

@@ -9,8 +9,6 @@ requirements and priority.
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body
@@ -20,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.db.engine import session_scope
 from orchestrator.domain import InferenceJob, JobOut, JobStatus, Priority
 from orchestrator.services import jobs, messaging
-from orchestrator.settings import Settings
 from providers.base import Requirements
 
 from ..deps import SettingsDep, TenantDep
@@ -94,7 +91,8 @@ def chat_completions(body: Annotated[ChatCompletionRequest, Body()], tenant: Ten
         job, _ = jobs.submit(s, tenant, job_request, settings, actor="openai")
         out = jobs.to_out(job)
     messaging.send(messaging.DISPATCH, [str(out.id), out.attempt], out.queue)
-    done = _wait(tenant, out.id, settings, job_request.timeout_seconds or settings.default_timeout_seconds)
+    done = jobs.wait_for(tenant, out.id, min(job_request.timeout_seconds or settings.default_timeout_seconds,
+                                             settings.front_door_timeout_seconds))
     headers = {"x-gpufleet-job-id": str(out.id)}
     if done is None or not done.status.terminal:
         return _error(504, f"job {out.id} did not finish in time; it keeps running: GET /v1/jobs/{out.id}",
@@ -104,19 +102,6 @@ def chat_completions(body: Annotated[ChatCompletionRequest, Body()], tenant: Ten
     if done.status != JobStatus.succeeded:
         return _error(502, f"job {out.id} {done.status.value}: {done.error}", "upstream_error", headers=headers)
     return JSONResponse(content=_completion(done, body.model), headers=headers)
-
-
-def _wait(tenant: uuid.UUID, job_id: uuid.UUID, settings: Settings, timeout: float) -> JobOut | None:
-    """Poll the job row until it ends; inference finishes in one provider round trip, so start fast."""
-    deadline = time.monotonic() + min(timeout, settings.front_door_timeout_seconds)
-    delay = 0.02
-    while True:
-        with session_scope() as s:
-            out = jobs.to_out(jobs.get_job(s, tenant, job_id))
-        if out.status.terminal or time.monotonic() >= deadline:
-            return out
-        time.sleep(delay)
-        delay = min(0.25, delay * 1.5)
 
 
 def _completion(job: JobOut, requested_model: str) -> dict[str, Any]:
