@@ -97,7 +97,9 @@ def pair_existing(session: Session, job_row: dict[str, Any], role: str, req: Pai
 
 
 def record(job_id: uuid.UUID) -> None:
-    """A pair's job ended: copy its side into the pair, and finish the pair when both sides are in."""
+    """A pair's job ended: copy the sides that have ended into the pair (under the pair's row lock, from
+    the job rows themselves, so whichever side finishes last completes the pair), and finish it when
+    both are in."""
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None or job.pair_id is None or not S(job.status).terminal:
@@ -106,12 +108,17 @@ def record(job_id: uuid.UUID) -> None:
                          .with_for_update()).scalar_one_or_none()
         if pair is None or pair.status != PENDING:
             return
-        result = job.result or {} if job.status == S.succeeded.value else {}
         if job.pair_role == JUDGE:
+            result = job.result or {} if job.status == S.succeeded.value else {}
             _judged(pair, quality.parse_judge(str(result.get("text", ""))))
         else:
-            _copy_side(pair, job, result)
-            _maybe_complete(s, pair)
+            sides = {j.pair_role: j for j in s.scalars(select(Job).where(
+                Job.id.in_([i for i in (pair.teacher_job_id, pair.student_job_id) if i])))}
+            for side in sides.values():
+                if S(side.status).terminal:
+                    _copy_side(pair, side, side.result or {} if side.status == S.succeeded.value else {})
+            if len(sides) == 2 and all(S(j.status).terminal for j in sides.values()):
+                _complete(s, pair)
         parent = pair.parent_job_id if pair.status != PENDING else None
     if parent is not None:
         finish_parent(parent)
@@ -133,11 +140,7 @@ def _copy_side(pair: DistillationPair, job: Job, result: dict[str, Any]) -> None
     pair.updated_at = utcnow()
 
 
-def _maybe_complete(s: Session, pair: DistillationPair) -> None:
-    ends: dict[str | None, str] = {role: status for role, status in s.execute(select(Job.pair_role, Job.status).where(
-        Job.id.in_([i for i in (pair.teacher_job_id, pair.student_job_id) if i])))}
-    if not all(S(status).terminal for status in ends.values()) or len(ends) < 2:
-        return
+def _complete(s: Session, pair: DistillationPair) -> None:
     settings = get_settings()
     if pair.teacher_output is None:
         pair.status, pair.accepted = FAILED, False

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orchestrator.clock import utcnow
@@ -23,14 +24,22 @@ STAGING, PRODUCTION, ARCHIVED = "staging", "production", "archived"
 def register(session: Session, tenant_id: uuid.UUID, name: str, *, artifact_uri: str | None, served_model: str | None,
              metrics: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
              training_job_id: uuid.UUID | None = None) -> ModelVersion:
-    latest = session.scalar(select(func.max(ModelVersion.version)).where(
-        ModelVersion.tenant_id == tenant_id, ModelVersion.name == name).with_for_update()) or 0
-    version = ModelVersion(id=uuid.uuid4(), tenant_id=tenant_id, name=name, version=latest + 1, stage=STAGING,
-                           artifact_uri=artifact_uri, served_model=served_model, metrics=metrics or {},
-                           params=params or {}, training_job_id=training_job_id, created_at=utcnow())
-    session.add(version)
-    session.flush()
-    return version
+    """The name's next version, in ``staging``. Two registrations racing for the same number: the unique
+    (tenant, name, version) constraint refuses one, which takes the number after."""
+    for _ in range(5):
+        latest = session.scalar(select(func.max(ModelVersion.version)).where(
+            ModelVersion.tenant_id == tenant_id, ModelVersion.name == name)) or 0
+        version = ModelVersion(id=uuid.uuid4(), tenant_id=tenant_id, name=name, version=latest + 1, stage=STAGING,
+                               artifact_uri=artifact_uri, served_model=served_model, metrics=metrics or {},
+                               params=params or {}, training_job_id=training_job_id, created_at=utcnow())
+        try:
+            with session.begin_nested():
+                session.add(version)
+                session.flush()
+            return version
+        except IntegrityError:
+            continue
+    raise Conflict(f"could not register a new version of {name}: too many concurrent registrations")
 
 
 def get(session: Session, tenant_id: uuid.UUID, name: str, version: int) -> ModelVersion:

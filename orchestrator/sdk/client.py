@@ -82,12 +82,14 @@ class Client:
     def job_body(kind: str, spec: dict[str, Any], *, priority: str = "normal",
                  requirements: dict[str, Any] | None = None, idempotency_key: str | None = None,
                  max_attempts: int | None = None, timeout_seconds: int | None = None,
-                 labels: dict[str, str] | None = None, reservation_id: JobId | None = None) -> dict[str, Any]:
-        """``reservation_id``: run on that standalone reservation's capacity instead of renting new."""
+                 labels: dict[str, str] | None = None, reservation_id: JobId | None = None,
+                 distill: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``reservation_id``: run on that standalone reservation's capacity instead of renting new.
+        ``distill`` (inference): ``{"student_model": …, "tags": […]}`` — also ask the student, keep the pair."""
         body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
         optional = {"requirements": requirements, "idempotency_key": idempotency_key, "max_attempts": max_attempts,
                     "timeout_seconds": timeout_seconds, "labels": labels,
-                    "reservation_id": str(reservation_id) if reservation_id else None}
+                    "reservation_id": str(reservation_id) if reservation_id else None, "distill": distill}
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 

@@ -8,6 +8,7 @@ everything a poller needs (pid, paths, deadline) lives in the run handle.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -114,6 +115,15 @@ def status(info: dict[str, Any], deadline: float) -> tuple[str, dict[str, Any] |
         if code is None:
             return "failed", None, "the process vanished without an exit code (killed outside gpufleet?)"
     result: dict[str, Any] = {"exit_code": code, "stdout": tail(info, "stdout.log"), "stderr": tail(info, "stderr.log")}
+    # The same convention as on rented instances: a ``GPUFLEET_RESULT {json}`` line becomes the result.
+    for line in result["stdout"].splitlines():
+        if line.startswith("GPUFLEET_RESULT "):
+            try:
+                reported = json.loads(line[len("GPUFLEET_RESULT "):])
+            except ValueError:
+                continue
+            if isinstance(reported, dict):
+                result.update(reported)
     if code == 0:
         return "succeeded", result, None
     last_line = next((line for line in reversed(result["stderr"].splitlines()) if line.strip()), "")
