@@ -120,8 +120,13 @@ def record(job_id: uuid.UUID) -> None:
             if len(sides) == 2 and all(S(j.status).terminal for j in sides.values()):
                 _complete(s, pair)
         parent = pair.parent_job_id if pair.status != PENDING else None
+        accepted = (pair.tenant_id, pair.teacher_model, pair.student_model) if pair.accepted else None
     if parent is not None:
         finish_parent(parent)
+    if accepted is not None and pair.source != "shadow":
+        from orchestrator.distillation import training
+
+        training.maybe_auto_train(*accepted, get_settings())
 
 
 def _copy_side(pair: DistillationPair, job: Job, result: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ Auto-training submits the same job once enough new accepted pairs have accumulat
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shlex
 import sys
@@ -17,7 +18,7 @@ import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from orchestrator.db.engine import session_scope
@@ -115,6 +116,9 @@ def maybe_auto_train(tenant_id: uuid.UUID, teacher_model: str, student_model: st
     if settings.distill_auto_train_pairs <= 0:
         return None
     with session_scope() as s:
+        if s.get_bind().dialect.name == "postgresql":  # pairs completing together must not each start a run
+            key = int.from_bytes(hashlib.sha256(f"{tenant_id}:{student_model}".encode()).digest()[:8], "big", signed=True)
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
         last = s.scalar(select(func.max(Job.created_at)).where(
             Job.tenant_id == tenant_id, Job.kind == "training", Job.labels[STUDENT_LABEL].as_string() == student_model))
         fresh = select(func.count()).where(

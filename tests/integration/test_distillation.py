@@ -32,7 +32,7 @@ TEACHER, STUDENT = "teacher-70b", "student-8b"
 @pytest.fixture(scope="module")
 def distill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A low bar: sandbox teacher and student answer differently, and every pair should count here.
-    env = {"GPUFLEET_DISTILL_QUALITY_THRESHOLD": "0.0"}
+    env = {"GPUFLEET_DISTILL_QUALITY_THRESHOLD": "0.0", "GPUFLEET_DISTILL_AUTO_TRAIN_PAIRS": "10"}
     with isolated_stack(tmp_path_factory.mktemp("distill"), 8, PROVIDERS, env) as running:
         yield running
 
@@ -95,6 +95,11 @@ def test_flagged_inference_and_distillation_jobs_capture_pairs(client, distill: 
         time.sleep(0.2)
     pair = next(p for p in _api(distill, "GET", "/v1/distillation/pairs").json() if p["source"] == "inference")
     assert _api(distill, "GET", f"/v1/distillation/pairs/{pair['id']}").json()["teacher_job_id"] == str(job.id)
+    # Ten accepted pairs for the same teacher and student: the student is trained again, automatically.
+    while not (auto := [j for j in client.list(kind="training").jobs if j.labels.get("distill_student") == STUDENT]):
+        assert time.monotonic() < deadline, "no automatic training job"
+        time.sleep(0.2)
+    assert len(auto) == 1 and client.wait(auto[0].id, timeout=60).status.value == "succeeded"
 
 
 def test_export_streams_jsonl_with_a_stable_split_and_manifest(distill: Stack) -> None:
@@ -159,3 +164,24 @@ def test_bad_input_is_refused_cleanly(distill: Stack) -> None:
     assert response.status_code == 422 and "nothing to train on" in response.text
     response = httpx.post(f"{distill.url}/v1/models/{uuid.uuid4()}/rollback", headers={"Authorization": f"Bearer {KEY_A}"})
     assert response.status_code == 409
+
+
+def test_shadow_traffic_measures_the_student_and_a_regression_sends_requests_back(client, distill: Stack) -> None:
+    from orchestrator.distillation import maintenance
+
+    assert _api(distill, "GET", "/v1/models/support-bot/production").json()["version"] == 1
+    _api(distill, "PUT", f"/v1/distillation/routes/{TEACHER}",
+         json={"student_name": "support-bot", "share": 1.0, "shadow_rate": 1.0, "min_agreement": 0.99})
+    served = [client.wait(client.submit("inference", {"model": TEACHER, "prompt": f"novel question {i}"}).id, timeout=30)
+              for i in range(6)]
+    assert all(j.spec["model"].startswith("standin:") for j in served)  # every request went to the student
+    deadline = time.monotonic() + 30
+    while len(shadows := [p for p in _wait_pairs(distill, 1) if p["source"] == "shadow"]) < 6:
+        assert time.monotonic() < deadline, shadows
+        time.sleep(0.2)
+    assert all(p["agreement"] is not None and p["teacher_cost"] > 0 for p in shadows)
+    assert maintenance.maintain()["routes_dropped"] == 1  # shadow agreement is far below 0.99
+    route = next(r for r in _api(distill, "GET", "/v1/distillation/routes").json() if r["teacher_model"] == TEACHER)
+    assert route["share"] == 0.0
+    back = client.wait(client.submit("inference", {"model": TEACHER, "prompt": "one more"}).id, timeout=30)
+    assert back.spec["model"] == TEACHER and "route" not in back.labels
