@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from orchestrator.cli import distill as distill_cli
 from orchestrator.cli.render import console, err_console, job_detail, jobs_table
 from orchestrator.errors import GpufleetError
 from orchestrator.settings import get_settings
@@ -56,6 +57,9 @@ def _client() -> Any:
             raise
     client.close()
     return Client.local()
+
+
+distill_cli.install(app, _client)
 
 
 # --- services -----------------------------------------------------------------------------

@@ -192,6 +192,69 @@ class Client:
         """Why the job went where it did: strategy, scores of the options, rejections, history."""
         return dict(self._request("GET", f"/v1/jobs/{job_id}/placement"))
 
+    # --- distillation ---------------------------------------------------------------------
+
+    def distill_query(self, teacher_model: str, student_model: str, prompt: str | None = None, *,
+                      messages: builtins.list[dict[str, str]] | None = None, **options: Any) -> dict[str, Any]:
+        """Ask teacher and student at once; returns the teacher's answer and the pair's id."""
+        body = {"teacher_model": teacher_model, "student_model": student_model, "prompt": prompt, "messages": messages,
+                **options}
+        return dict(self._request("POST", "/v1/distillation/query", json={k: v for k, v in body.items() if v is not None}))
+
+    def pairs(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/distillation/pairs", params={k: v for k, v in filters.items() if v is not None}))
+
+    def export(self, out: Any, split: str = "train", **filters: Any) -> int:
+        """Stream the JSONL export into ``out`` (a binary file object); returns the lines written."""
+        params = {"split": split, **{k: v for k, v in filters.items() if v is not None}}
+        lines = 0
+        with self._http.stream("GET", "/v1/distillation/export", params=params) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise error_for(response.status_code, response.json())
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                lines += chunk.count(b"\n")
+        return lines
+
+    def export_manifest(self, **filters: Any) -> dict[str, Any]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return dict(self._request("GET", "/v1/distillation/export/manifest", params=params))
+
+    def export_to_storage(self, **filters: Any) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/distillation/export", json={k: v for k, v in filters.items() if v is not None}))
+
+    def train_student(self, student_name: str, **options: Any) -> dict[str, Any]:
+        body = {"student_name": student_name, **{k: v for k, v in options.items() if v is not None}}
+        return dict(self._request("POST", "/v1/distillation/train", json=body))
+
+    def routes(self) -> builtins.list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/distillation/routes"))
+
+    def set_route(self, teacher_model: str, student_name: str, **options: Any) -> dict[str, Any]:
+        body = {"student_name": student_name, **{k: v for k, v in options.items() if v is not None}}
+        return dict(self._request("PUT", f"/v1/distillation/routes/{teacher_model}", json=body))
+
+    # --- the model registry ------------------------------------------------------------------
+
+    def models(self, name: str | None = None) -> builtins.list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/models", params={"name": name} if name else None))
+
+    def register_model(self, name: str, **fields: Any) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/models/{name}/versions", json=fields))
+
+    def promote_model(self, name: str, version: int) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/models/{name}/versions/{version}/promote"))
+
+    def rollback_model(self, name: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/models/{name}/rollback"))
+
+    def production_model(self, name: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/models/{name}/production"))
+
+    def evaluate_model(self, name: str, version: int) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/models/{name}/versions/{version}/evaluate"))
+
     def providers(self) -> builtins.list[dict[str, Any]]:
         """Each configured provider: health, latency, capacity and cheapest prices."""
         return list(self._request("GET", "/v1/providers"))

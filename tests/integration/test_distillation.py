@@ -185,3 +185,28 @@ def test_shadow_traffic_measures_the_student_and_a_regression_sends_requests_bac
     assert route["share"] == 0.0
     back = client.wait(client.submit("inference", {"model": TEACHER, "prompt": "one more"}).id, timeout=30)
     assert back.spec["model"] == TEACHER and "route" not in back.labels
+
+
+def test_cli_exports_lists_pairs_and_models(distill: Stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GPUFLEET_API_URL": distill.url, "GPUFLEET_API_KEY": KEY_A}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    target = tmp_path / "train.jsonl"
+    out = cli("distill", "export", "--teacher", TEACHER, "--out", str(target))
+    assert out.returncode == 0, out.stderr
+    lines = target.read_text().splitlines()
+    assert lines and f"wrote {len(lines)} examples" in out.stdout
+    assert all(json.loads(line)["messages"][-1]["role"] == "assistant" for line in lines)
+    listed = cli("distill", "pairs", "--limit", "5")
+    assert listed.returncode == 0 and TEACHER in listed.stdout
+    models = cli("models", "--name", "support-bot")
+    assert models.returncode == 0 and "support-bot" in models.stdout and "production" in models.stdout
+    missing = cli("models", "rollback", "no-such-model")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "no-such-model" in missing.stderr
