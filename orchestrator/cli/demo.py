@@ -37,14 +37,28 @@ def _mix(client: object) -> list[dict[str, object]]:
              requirements={"gpu": ["A100"], "min_gpu_memory_gb": 40}, labels={"demo": "training"}),
         body("training", {"base_model": "llama-3-70b", "dataset_uri": "s3://demo/sft.jsonl", "max_steps": 40},
              requirements={"gpu": ["H100"]}, labels={"demo": "failover"}),
-        body("distillation", {"teacher_model": "llama-3-70b", "student_model": "llama-3-8b", "prompts": prompts},
-             requirements={"gpu": ["RTX 4090", "A100"]}, labels={"demo": "distillation"}),
+        body("distillation", {"teacher_model": "llama-3-70b", "student_model": "llama-3-8b", "prompts": prompts,
+                              "tags": ["demo"]}, labels={"demo": "distillation"}),
         body("command", {"command": ["python", "-c", "import platform; print('hello from', platform.node())"]},
              priority="low", labels={"demo": "command"}),
     ]
 
 
 DEMO_BUDGET = 25.0
+
+
+def _distillation_report(client: object, job: object) -> None:
+    result = job.result  # type: ignore[attr-defined]
+    console.print(f"\n[bold]distillation[/] — {result['pairs']} teacher/student pairs (each pair two inference jobs, "
+                  f"placed like any other), {result['accepted']} accepted, mean agreement {result['mean_agreement']}")
+    pairs = client.pairs(parent_job_id=str(job.id), limit=1)  # type: ignore[attr-defined]
+    if pairs:
+        pair = client._request("GET", f"/v1/distillation/pairs/{pairs[0]['id']}")  # type: ignore[attr-defined]
+        shown = {"prompt": pair["messages"][-1]["content"], "teacher": pair["teacher_output"] or "",
+                 "student": pair["student_output"] or ""}
+        for role, text in shown.items():
+            console.print(f"  {role + ':':<8} {text if len(text) < 100 else text[:97] + '...'}", highlight=False)
+    console.print("  gpufleet distill export --out train.jsonl   then: gpufleet distill train my-student", highlight=False)
 
 
 def _money_report(client: object) -> None:
@@ -96,12 +110,7 @@ def run_demo(time_scale: float = 1.0) -> None:
         _money_report(client)
         distill = next((j for j in jobs if j.kind == "distillation" and j.result), None)
         if distill is not None:
-            pair = distill.result["pairs"][0]  # type: ignore[index]
-            console.print(f"\n[bold]distillation[/] — {len(distill.result['pairs'])} teacher/student pairs, "  # type: ignore[index]
-                          f"mean agreement {distill.result['mean_agreement']}; first pair:")  # type: ignore[index]
-            for role in ("prompt", "teacher", "student"):
-                text = pair[role] if len(pair[role]) < 100 else pair[role][:97] + "..."
-                console.print(f"  {role + ':':<8} {text}", highlight=False)
+            _distillation_report(client, distill)
     console.print("\n[bold]where to look next[/]")
     console.print("  gpufleet jobs                      the jobs you just ran (they are kept in the local database)")
     if failover is not None:

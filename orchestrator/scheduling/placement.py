@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling import residency
+from orchestrator.scheduling.breaker import HealthView, routable
 from orchestrator.scheduling.residency import Policy
 from orchestrator.scheduling.strategies import Option, Ranked, Weights, default_tier, rank
 from providers.base import Offer, PermanentProviderError, Provider, ProviderError, ProviderKind, Requirements
@@ -153,8 +154,13 @@ def place(
     policy: RoutingPolicy | None = None,
     stats: ProviderStats | None = None,
     seed: str = "",
+    busy: set[str] | None = None,
+    monitor: Mapping[str, HealthView] | None = None,
 ) -> Placement:
-    """``stats``: measured (latency ms, error rate) per provider, for latency limits and the score."""
+    """``stats``: measured (latency ms, error rate) per provider, for latency limits and the score;
+    ``busy``: offers that were full moments ago (they count as full: the job waits rather than fails);
+    ``monitor``: the health monitor's views (``services.health.snapshot()``): a fresh one is used instead
+    of asking the provider's ``health()``."""
     policy = policy or routing_policy()
     data = residency.resolve(policy.residency, requirements.data_class)
     strategy = requirements.strategy or policy.strategy
@@ -178,8 +184,8 @@ def place(
             rejected[name] = f"too slow: {latency:.0f} ms measured > {requirements.max_latency_ms:.0f} ms"
             continue
         try:
-            health = provider.health()
-            offers = provider.offers(requirements, kind, spec) if health.ok else []
+            healthy, unhealthy_reason = _health(name, provider, monitor)
+            offers = provider.offers(requirements, kind, spec) if healthy else []
         except ProviderError as exc:
             rejected[name] = f"unavailable: {exc}"
             down = down or not isinstance(exc, PermanentProviderError)
@@ -188,14 +194,16 @@ def place(
             log.exception("provider %s failed while listing offers", name)
             rejected[name] = f"unavailable: internal error ({type(exc).__name__})"
             continue
-        if not health.ok:
-            rejected[name] = f"unhealthy: {health.detail}"
+        if not healthy:
+            rejected[name] = unhealthy_reason
             down = True
             continue
         for offer in offers:
             if provider.capabilities:
                 offer = offer.model_copy(update={"capabilities": [*offer.capabilities, *provider.capabilities]})
             reason = rejection(offer, requirements, kind, excluded) or data.rejection(offer)
+            if reason is None and busy and offer_key(offer) in busy:
+                reason = NO_FREE_CAPACITY
             if reason:
                 rejected[offer_key(offer)] = reason
                 continue
@@ -230,6 +238,16 @@ def place(
                      considered=len(ranked) + len(rejected), rejected=rejected, strategy=strategy,
                      data_class=data.name, scores=[_explained(r) for r in ranked[:MAX_SCORES]],
                      candidates=[Candidate(offer=r.option.offer, estimated_cost=r.option.estimated_cost) for r in ranked])
+
+
+def _health(name: str, provider: Provider, monitor: Mapping[str, HealthView] | None) -> tuple[bool, str]:
+    """(routable, why not): the monitor's fresh verdict if it has one (no call to the provider), else the
+    provider's own answer, as when no monitor runs."""
+    view = monitor.get(name) if monitor else None
+    if view is not None and view.fresh:
+        return routable(view)
+    health = provider.health()
+    return health.ok, f"unhealthy: {health.detail}"
 
 
 def _explained(ranked: Ranked) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from orchestrator.domain import JobStatus
 from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import Placement, offer_key, place
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import budgets, messaging, reports, reservations
+from orchestrator.services import budgets, health, messaging, reports, reservations
 from orchestrator.services.budgets import OverBudget
 from orchestrator.services.transitions import advance, record_event, transition
 from orchestrator.settings import Settings, get_settings
@@ -56,10 +56,28 @@ log = logging.getLogger(__name__)
 
 FIRST_POLL_DELAY = 0.25
 MAX_POLL_DELAY = 5.0
-# Providers whose capacity is a fixed set of slots every job shares (warm pools, this machine). Placement
-# counts free slots but does not hold them, so jobs placed at once can race for the last one; the loser's
-# NoCapacity means "busy for a moment", not "this offer cannot serve you": it waits, and keeps its attempt.
+# NoCapacity at reserve time (the offer filled up, or was taken, between placement and reserve) is not a
+# failure of the job: it goes back to the queue on the same attempt, and the offer sits out placement for
+# BUSY_SECONDS ("busy:<offer>:<time>" entries in excluded_offers) so the job tries the next offer — or, when
+# everything that fits is busy, waits with backoff instead of burning its attempts. Shared-slot capacity
+# (warm pools, this machine) is not even set aside: it frees up in moments.
 SHARED_SLOT_KINDS = frozenset({ProviderKind.cloud_pool, ProviderKind.self_hosted, ProviderKind.local})
+BUSY_PREFIX = "busy:"
+BUSY_SECONDS = 30.0
+
+
+def _exclusions(excluded: list[str], now: float | None = None) -> tuple[set[str], set[str]]:
+    """(offers that failed this job, offers busy a moment ago)."""
+    now = time.time() if now is None else now
+    failed, busy = set(), set()
+    for entry in excluded:
+        if entry.startswith(BUSY_PREFIX):
+            key, _, at = entry[len(BUSY_PREFIX):].rpartition(":")
+            if now - float(at or 0) < BUSY_SECONDS:
+                busy.add(key)
+        else:
+            failed.add(entry)
+    return failed, busy
 S = JobStatus
 
 
@@ -216,16 +234,17 @@ def dispatch(
 
         pairs.fan_out(job_id, attempt, actor)
         return
+    failed, busy = _exclusions(job.excluded_offers)
     try:
         placement = place(
-            get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, set(job.excluded_offers),
-            seed=f"{job.id}:{job.attempt}",
+            get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, failed,
+            seed=f"{job.id}:{job.attempt}", busy=busy, monitor=health.snapshot(),
         )
     except CapacityBusy as exc:
         _wait_for_capacity(job, str(exc), actor)
         return
     except NoPlacement as exc:
-        history = f" after trying {', '.join(job.excluded_offers)}" if job.excluded_offers else ""
+        history = f" after trying {', '.join(sorted(failed))}" if failed else ""
         advance(
             job_id,
             expected=S.queued,
@@ -431,15 +450,20 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     try:
         lease = provider.reserve(offer, spec)
     except ProviderError as exc:
+        if isinstance(exc, TransientProviderError):  # a provider failure (NoCapacity is not: full is healthy)
+            health.record_outcome(provider.name, False, detail=f"reserve failed: {exc}")
         reservations.fail(rid, f"reserve failed: {exc}")
-        if isinstance(exc, NoCapacity) and provider.kind in SHARED_SLOT_KINDS:
-            _busy(job, f"{offer_key(offer)} is busy: {exc}", actor)
+        if isinstance(exc, NoCapacity):
+            _busy(job, offer_key(offer), f"{offer_key(offer)} is busy: {exc}", actor,
+                  set_aside=provider.kind not in SHARED_SLOT_KINDS)
             return
         _fail(job, f"reserve on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
     try:
         handle = provider.start(lease, spec)
     except ProviderError as exc:
+        if isinstance(exc, TransientProviderError):
+            health.record_outcome(provider.name, False, detail=f"start failed: {exc}")
         reservations.release(rid, None, reason=f"start failed: {exc}", lease=lease)
         _fail(job, f"start on {offer_key(offer)} failed: {exc}", actor, transient=not isinstance(exc, PermanentProviderError))
         return
@@ -473,15 +497,19 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
     )
 
 
-def _busy(job: Snapshot, reason: str, actor: str) -> None:
-    """Shared slots were all taken when we got to them: back to the queue on the same attempt, with no
-    offer excluded, to be placed again shortly (dispatch gives up at the job's timeout, as for any wait)."""
+def _busy(job: Snapshot, key: str, reason: str, actor: str, *, set_aside: bool) -> None:
+    """The offer filled up (or was taken) between placement and reserve: back to the queue on the same
+    attempt, the offer set aside for a moment, to be placed again at once (the next offer) — dispatch
+    waits with backoff when everything that fits is busy, as for any wait."""
     note = f"waiting for capacity: {reason}"
-    delay = get_settings().capacity_retry_seconds
+    excluded = [e for e in job.excluded_offers if not e.startswith(f"{BUSY_PREFIX}{key}:")]
+    if set_aside:
+        excluded.append(f"{BUSY_PREFIX}{key}:{time.time():.0f}")
+    delay = 0.0 if set_aside else get_settings().capacity_retry_seconds
     moved = advance(job.id, expected=S.running, attempt=job.attempt, to=S.queued, actor=actor, reason=note,
-                    values={"error": note, "next_check_at": _grace(get_settings(), delay)})
+                    values={"error": note, "excluded_offers": excluded, "next_check_at": _grace(get_settings(), delay)})
     if moved:
-        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt], job.queue, countdown=delay)
+        messaging.send(messaging.DISPATCH, [str(job.id), job.attempt], job.queue, countdown=delay or None)
 
 
 # --- poll ---------------------------------------------------------------------------------
@@ -567,6 +595,7 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
         "run_handle": handle.model_dump(mode="json"),
     }
     if status.state == "succeeded":
+        health.record_outcome(handle.provider, True)
         ended = advance(
             job.id,
             expected=S.running,

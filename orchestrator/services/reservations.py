@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import case, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from orchestrator.clock import utcnow
+from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.engine import rows_changed, session_scope
 from orchestrator.db.models import RESERVATIONS, Job, Reservation
 from orchestrator.errors import Conflict
@@ -194,9 +194,20 @@ def _give_back(provider: Provider, row: Reservation, handle: RunHandle | None) -
     if row.state == REQUESTED:
         return None
     found = [r for r in provider.owned() if r.label == row.label]
+    if not found and provider.lists_all_leases and _create_may_be_in_flight(provider, row):
+        # Nothing carries the label yet, but the provider may still be carrying out the create we asked
+        # for: "not found" is not yet proof nothing was rented. Look again until the create must be over.
+        raise NotYetReleased(f"no {provider.name} resource labelled {row.label} yet; the create may still land")
     for resource in found:
         provider.release(resource.as_lease())
     return min((r.created_at for r in found if r.created_at), default=None)
+
+
+def _create_may_be_in_flight(provider: Provider, row: Reservation) -> bool:
+    """Within twice the provider's start timeout of the reservation being placed, a create may still land."""
+    if row.state not in (PROVISIONING, RELEASING) or row.created_at is None:
+        return False
+    return (utcnow() - as_utc(row.created_at)).total_seconds() < provider.start_timeout * 2  # type: ignore[operator]
 
 
 def _settle(rid: uuid.UUID, to: str, rented_cost: float, *, error: str | None = None,

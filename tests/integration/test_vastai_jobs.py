@@ -113,16 +113,22 @@ def test_job_runs_on_vast_reports_its_result_and_the_instance_is_destroyed(clien
 
 def test_offer_taken_between_search_and_create_moves_to_the_next_offer(client, vast) -> None:
     vast.lag(1.5, count=1, paths=["/api/v0/bundles"])
+    searched = len([r for r in vast.request_log if r["path"].startswith("/api/v0/bundles")])
     job = submit(client, "echo ok", gpu="A100")
-    time.sleep(0.7)  # the search has run; its answer is on the way
-    vast.take(1004)  # the cheapest A100
+    deadline = time.monotonic() + 20
+    while len([r for r in vast.request_log if r["path"].startswith("/api/v0/bundles")]) == searched:
+        assert time.monotonic() < deadline, "the search never came"
+        time.sleep(0.02)
+    vast.take(1004)  # the cheapest A100, while the search's answer (listing it) is on the way
     try:
         done = client.wait(job.id, timeout=60)
     finally:
         vast.untake(1004)
     assert done.status.value == "succeeded", done.error
-    assert done.offer_id == "1003" and done.attempt == 2
-    assert any("taken" in e.reason.lower() or "no longer" in e.reason.lower() for e in done.events)
+    # A taken offer is not a failure of the job: the same attempt moves to the next offer.
+    assert done.offer_id == "1003" and done.attempt == 1
+    assert any("vastai/1004 is busy" in e.reason and ("taken" in e.reason.lower() or "no longer" in e.reason.lower())
+               for e in done.events), [e.reason for e in done.events]
     assert_nothing_rented(vast)
     first, second = wait_released(job.id)
     assert first.state == "failed" and first.cost == 0 and second.state == "released"
