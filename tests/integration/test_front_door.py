@@ -41,3 +41,20 @@ def test_requirements_ride_in_extra_body_and_failures_keep_openai_shapes(oai, st
             model="m-8b", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.UnprocessableEntityError):
         oai.chat.completions.create(model="m-8b", messages=[])
+
+
+def test_a_front_door_request_can_be_distilled(oai, client) -> None:
+    raw = oai.chat.completions.with_raw_response.create(
+        model="llama-3-70b", messages=[{"role": "user", "content": "teach me"}], max_tokens=16,
+        extra_body={"gpufleet": {"distill": {"student_model": "llama-3-8b", "tags": ["front-door"]}}})
+    assert raw.parse().choices[0].message.content
+    job_id = raw.headers["x-gpufleet-job-id"]
+    import time
+
+    deadline = time.monotonic() + 30
+    while not (pairs := [p for p in client.pairs(teacher_model="llama-3-70b") if p["source"] == "inference"
+                         and p["status"] == "complete"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    full = client._request("GET", f"/v1/distillation/pairs/{pairs[0]['id']}")
+    assert full["teacher_job_id"] == job_id and full["student_output"] and full["tags"] == ["front-door"]

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.db.engine import session_scope
-from orchestrator.domain import InferenceJob, JobOut, JobStatus, Priority
+from orchestrator.domain import DistillOptions, InferenceJob, JobOut, JobStatus, Priority
 from orchestrator.services import jobs, messaging
 from providers.base import Requirements
 
@@ -44,6 +44,7 @@ class GpufleetOptions(BaseModel):
     priority: Priority = "normal"
     timeout_seconds: int | None = Field(default=None, ge=1, le=3600)
     labels: dict[str, str] = Field(default_factory=dict, max_length=50)
+    distill: DistillOptions | None = Field(default=None, description="Also ask this student; keep the pair.")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -79,6 +80,7 @@ def chat_completions(body: Annotated[ChatCompletionRequest, Body()], tenant: Ten
         job_request = InferenceJob.model_validate(dict(
             kind="inference", priority=body.gpufleet.priority, requirements=body.gpufleet.requirements,
             timeout_seconds=body.gpufleet.timeout_seconds, labels={"api": "chat.completions", **body.gpufleet.labels},
+            distill=body.gpufleet.distill,
             spec={"model": body.model,
                   "messages": [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                                for m in body.messages],
