@@ -75,7 +75,7 @@ class _PoolStats:
         return rate
 
 
-# Keyed by (provider name, endpoint) so a rebuilt provider object keeps what this process learned.
+# Keyed by (provider name, endpoint or stats_key) so a rebuilt provider object keeps what this process learned.
 _STATS: dict[tuple[str, str], _PoolStats] = {}
 _STATS_LOCK = threading.Lock()
 
@@ -88,7 +88,9 @@ def _stats_for(name: str, endpoint: str) -> _PoolStats:
 class PoolProvider(Provider):
     kind: ClassVar[ProviderKind] = ProviderKind.self_hosted
 
-    def __init__(self, name: str = "pool", config: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str = "pool", config: dict[str, Any] | None = None, *, stats_key: str | None = None) -> None:
+        """``stats_key``: whose throughput measurements to share (default this endpoint's); the cloud
+        pools give every member's adapter the group's, so one price covers the group."""
         super().__init__(name, config)
         c = self.config
         self.endpoint = str(c.get("endpoint") or "").rstrip("/")
@@ -118,7 +120,7 @@ class PoolProvider(Provider):
         if "start_timeout" not in c:  # start waits for the whole request
             self.start_timeout = max(self.start_timeout, self.timeout + 30)
         self.health_cache_seconds = float(c.get("health_cache_seconds", 10))
-        self._stats = _stats_for(name, self.endpoint)
+        self._stats = _stats_for(name, stats_key or self.endpoint)
         self._client: PoolClient | None = None
         self._client_lock = threading.Lock()
         self._health: tuple[float, Health] | None = None

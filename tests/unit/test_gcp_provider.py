@@ -326,6 +326,9 @@ def test_pool_member_url_template_picks_a_running_member(emu: GCPEmulator) -> No
     lease = pool.reserve(found, JobSpec(job_id="j", kind="inference", attempt=1, spec={}, timeout_seconds=5))
     member = emu.group(US, "llm-pool")["members"][0]["name"]
     assert lease.data["url"] == f"http://{member}.{US}.c.{PROJECT}.internal:8000"
+    assert pool.offers(Requirements(), "inference", {"model": "llama-3-8b"})[0].capacity == 1  # held from reserve
+    pool.release(lease)
+    assert pool.offers(Requirements(), "inference", {"model": "llama-3-8b"})[0].capacity == 2
 
 
 def test_autoscale_grows_with_the_queue_respects_cooldown_and_max(emu: GCPEmulator, tmp_path: Any) -> None:
