@@ -112,6 +112,20 @@ class Settings(BaseSettings):
     front_door_timeout_seconds: float = Field(default=300.0, gt=0)
     # How often pool providers (ASG, MIG) are resized from their queue depth.
     autoscale_interval_seconds: float = Field(default=15.0, gt=0)
+    # Health monitor: every provider is checked on the beat this often, and the result shared through
+    # Postgres (placement reads it instead of asking each provider for every job). A row older than
+    # health_max_age_seconds (default 3 × the interval: the beat is presumed down) is ignored and
+    # placement asks the provider itself, as without a monitor.
+    health_interval_seconds: float = Field(default=10.0, gt=0)
+    health_max_age_seconds: float | None = Field(default=None, gt=0)
+    # Circuit breaker per provider: it opens after breaker_failures failures in a row, or when the
+    # failure rate (a moving average, 0..1) exceeds breaker_error_rate after breaker_min_samples
+    # observations; open, the provider gets no work for breaker_open_seconds, then one check decides
+    # (success closes it, failure opens it again).
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_error_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_min_samples: int = Field(default=10, ge=1)
+    breaker_open_seconds: float = Field(default=30.0, ge=0)
 
     flower_basic_auth: str = ""
     log_level: str = "INFO"
@@ -175,6 +189,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'gpufleet.db'}"
         if not self.broker_url:
             self.broker_url = "filesystem://"
+        if self.health_max_age_seconds is None:
+            self.health_max_age_seconds = 3 * self.health_interval_seconds
         return self
 
     @property

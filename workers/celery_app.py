@@ -65,6 +65,11 @@ def make_app(settings: Settings) -> Celery:
                 "schedule": settings.autoscale_interval_seconds,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.autoscale_interval_seconds * 2},
             },
+            "provider-health": {
+                "task": messaging.HEALTH,
+                "schedule": settings.health_interval_seconds,
+                "options": {"queue": CONTROL_QUEUE, "expires": settings.health_interval_seconds * 2},
+            },
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         imports=["workers.tasks"],

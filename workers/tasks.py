@@ -6,7 +6,7 @@ import uuid
 
 from celery import Task, shared_task
 
-from orchestrator.services import autoscaler, messaging, pipeline, reaper, reservation_requests, reservations, sweeper
+from orchestrator.services import autoscaler, health, messaging, pipeline, reaper, reservation_requests, reservations, sweeper
 
 
 @shared_task(name=messaging.DISPATCH, bind=True)
@@ -58,6 +58,11 @@ def sweep() -> dict[str, int]:
 @shared_task(name=messaging.AUTOSCALE)
 def autoscale() -> dict[str, str]:
     return autoscaler.autoscale()
+
+
+@shared_task(name=messaging.HEALTH)
+def health_check() -> dict[str, str]:
+    return health.probe_all()
 
 
 @shared_task(name=messaging.AFTER_TRAINING)

@@ -341,15 +341,23 @@ def offers(
 
 @app.command("providers")
 def list_providers() -> None:
-    """Each configured provider: health, latency, capacity and cheapest prices (asks the providers directly)."""
+    """Each configured provider: health, latency, capacity and cheapest prices (asks the providers directly),
+    and the health monitor's circuit breaker, error rate and latency (average / p95) over time."""
     from orchestrator.services.provider_status import status_all
 
     table = Table(header_style="bold")
-    for column in ("provider", "kind", "health", "latency", "capacity", "gpus", "regions", "from $/h", "from $/1K tok"):
-        table.add_column(column, justify="right" if column in ("latency", "capacity", "from $/h", "from $/1K tok") else "left")
+    numeric = ("latency", "errors", "avg / p95", "capacity", "from $/h", "from $/1K tok")
+    for column in ("provider", "kind", "health", "latency", "breaker", "errors", "avg / p95", "capacity", "gpus",
+                   "regions", "from $/h", "from $/1K tok"):
+        table.add_column(column, justify="right" if column in numeric else "left")
+    colours = {"closed": "green", "half_open": "yellow", "open": "red"}
     for p in status_all():
         health = "[green]ok[/]" if p.healthy else f"[red]down[/] {p.detail}"
-        table.add_row(p.name, p.kind, health, f"{p.latency_ms:.0f} ms", str(p.capacity), ", ".join(p.gpus) or "-",
+        breaker = f"[{colours.get(p.breaker, 'white')}]{p.breaker}[/]" if p.breaker else "-"
+        errors = f"{p.error_rate:.0%}" if p.error_rate is not None else "-"
+        measured = " / ".join("-" if v is None else f"{v:.0f}" for v in (p.latency_ewma_ms, p.latency_p95_ms))
+        table.add_row(p.name, p.kind, health, f"{p.latency_ms:.0f} ms", breaker, errors,
+                      f"{measured} ms" if p.breaker else "-", str(p.capacity), ", ".join(p.gpus) or "-",
                       ", ".join(p.regions) or "-",
                       f"{p.min_price_per_hour:.3f}" if p.min_price_per_hour is not None else "-",
                       f"{p.min_price_per_1k_tokens:.5f}" if p.min_price_per_1k_tokens is not None else "-")

@@ -334,3 +334,31 @@ class TrafficRoute(Base):
     max_share: Mapped[float] = mapped_column(Float, default=0.9)
     min_agreement: Mapped[float] = mapped_column(Float, default=0.8)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+class ProviderHealth(Base):
+    """The health monitor's view of one provider, shared by every worker: the last check, the circuit
+    breaker (closed | open | half_open) and the measurements it decides on. One row per provider, written
+    by the beat's checks (a row lock per update) and by the pipeline after real work (one UPDATE)."""
+
+    __tablename__ = "provider_health"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The provider's own answer at the last check (real work does not change it; it feeds the breaker).
+    healthy: Mapped[bool] = mapped_column(Boolean, default=True)
+    breaker: Mapped[str] = mapped_column(String(16), default="closed")
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    # Moving average of failures (0..1), and how many observations it has seen since the breaker closed.
+    error_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    observations: Mapped[int] = mapped_column(Integer, default=0)
+    latency_ewma_ms: Mapped[float | None] = mapped_column(Float)
+    # The last (at most 50) latencies in ms, for the p95.
+    latency_samples: Mapped[list[float]] = mapped_column(JSONType, default=list)
+    detail: Mapped[str] = mapped_column(String(500), default="")
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When the monitor last looked at it: older than health_max_age_seconds, placement asks the provider.
+    checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+PROVIDER_HEALTH: Table = ProviderHealth.__table__  # type: ignore[assignment]

@@ -1,14 +1,17 @@
 """What each configured provider looks like right now (``gpufleet providers``, ``GET /v1/providers``):
-health and how long asking took, and what it offers — capacity, GPUs, regions, cheapest prices."""
+health and how long asking took, what it offers — capacity, GPUs, regions, cheapest prices — and what
+the health monitor has measured over time (circuit breaker, error rate, latency average and p95)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 
+from orchestrator.services import health as monitor
 from providers.base import Offer, Provider, Requirements
 from providers.registry import get_providers
 
@@ -29,6 +32,13 @@ class ProviderStatus(BaseModel):
     kinds: list[str]
     min_price_per_hour: float | None
     min_price_per_1k_tokens: float | None
+    # From the health monitor (None until it has checked the provider): closed | open | half_open.
+    breaker: str | None = None
+    error_rate: float | None = None
+    consecutive_failures: int | None = None
+    latency_ewma_ms: float | None = None
+    latency_p95_ms: float | None = None
+    checked_at: datetime | None = None
 
 
 def _models(provider: Provider) -> list[str]:
@@ -50,7 +60,7 @@ def _catalog(provider: Provider) -> list[Offer]:
     return list(seen.values())
 
 
-def describe(provider: Provider) -> ProviderStatus:
+def describe(provider: Provider, view: monitor.HealthView | None = None) -> ProviderStatus:
     started = time.perf_counter()
     try:
         health = provider.health()
@@ -67,8 +77,19 @@ def describe(provider: Provider) -> ProviderStatus:
         gpus=sorted({o.gpu for o in offers if o.gpu}), regions=sorted({o.region for o in offers}),
         kinds=sorted({k for o in offers for k in o.kinds}),
         min_price_per_hour=min(hourly) if hourly else None,
-        min_price_per_1k_tokens=min(per_token) if per_token else None)
+        min_price_per_1k_tokens=min(per_token) if per_token else None,
+        **_measured(view))
+
+
+def _measured(view: monitor.HealthView | None) -> dict[str, Any]:
+    if view is None:
+        return {}
+    return {"breaker": view.breaker, "error_rate": round(view.error_rate, 4),
+            "consecutive_failures": view.consecutive_failures, "checked_at": view.checked_at,
+            "latency_ewma_ms": None if view.latency_ewma_ms is None else round(view.latency_ewma_ms, 1),
+            "latency_p95_ms": None if view.latency_p95_ms is None else round(view.latency_p95_ms, 1)}
 
 
 def status_all() -> list[ProviderStatus]:
-    return [describe(p) for p in get_providers().values()]
+    views = monitor.snapshot()
+    return [describe(p, views.get(name)) for name, p in get_providers().items()]

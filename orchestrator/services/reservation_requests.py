@@ -27,7 +27,7 @@ from orchestrator.db.models import Reservation
 from orchestrator.errors import CapacityBusy, Conflict, InvalidInput, NoPlacement, NotFound
 from orchestrator.scheduling.placement import offer_key, place
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import agents, budgets, messaging, reports, reservations
+from orchestrator.services import agents, budgets, health, messaging, reports, reservations
 from orchestrator.services.budgets import OverBudget
 from orchestrator.settings import get_settings
 from providers.base import JobSpec, Lease, Offer, ProviderError, Requirements, RunHandle
@@ -108,7 +108,8 @@ def place_request(rid: uuid.UUID) -> None:
     waiting = False
     for group in groups:
         try:
-            placement = place(get_providers(), KIND, {}, _requirements(req, group), req.duration_seconds, excluded)
+            placement = place(get_providers(), KIND, {}, _requirements(req, group), req.duration_seconds, excluded,
+                              monitor=health.snapshot())
         except CapacityBusy as exc:
             waiting = True
             reasons.append(str(exc))
