@@ -62,7 +62,9 @@ def evaluate(version_id: uuid.UUID, sample: int = 50, timeout: float = 600.0) ->
         latencies.append(answer["duration"] * 1000)
         cost += answer["cost"]
         tokens += answer["tokens"]
-    metrics = {"examples": len(submitted), "failed": failed,
+    judged = _judge([(pair.messages, answers.get(job_id)) for pair, (job_id, _) in zip(held_out, submitted, strict=True)],
+                    tenant_id, settings, timeout)
+    metrics = {"examples": len(submitted), "failed": failed, "judge_score": judged,
                "agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
                "latency_ms": round(sum(latencies) / len(latencies), 1) if latencies else None,
                "cost_per_1k_tokens": round(cost / tokens * 1000, 8) if tokens else None, "evaluated_at": time.time()}
@@ -87,6 +89,28 @@ def _promote_if_better(s: Any, tenant_id: uuid.UUID, name: str, version_id: uuid
     candidate = s.get(ModelVersion, version_id)
     registry.promote(s, tenant_id, name, candidate.version)
     log.info("promoted %s v%d (agreement %.3f)", name, candidate.version, agreement)
+
+
+def _judge(answered: list[tuple[list[dict[str, Any]], dict[str, Any] | None]], tenant_id: uuid.UUID, settings: Any,
+           timeout: float) -> float | None:
+    """The judge model's mean grade of the student's answers, when a judge is configured."""
+    if not settings.distill_judge_model:
+        return None
+    asked: list[uuid.UUID] = []
+    with session_scope() as s:
+        for messages, answer in answered:
+            if answer is None or answer["status"] != JobStatus.succeeded.value:
+                continue
+            req = InferenceJob.model_validate({
+                "kind": "inference", "priority": "low", "labels": {"evaluation": "judge"},
+                "spec": {"model": settings.distill_judge_model, "max_tokens": 8, "temperature": 0.0,
+                         "messages": [{"role": "user", "content": quality.judge_prompt(messages, answer["text"])}]}})
+            job, _ = jobs.submit(s, tenant_id, req, settings, actor="evaluation")
+            asked.append(job.id)
+    jobs.dispatch_rows([{"id": job_id, "queue": "low_priority"} for job_id in asked])
+    grades = [g for g in (quality.parse_judge(a["text"]) for a in _wait(asked, timeout).values()
+                          if a["status"] == JobStatus.succeeded.value) if g is not None]
+    return round(sum(grades) / len(grades), 4) if grades else None
 
 
 def _wait(job_ids: list[uuid.UUID], timeout: float) -> dict[uuid.UUID, dict[str, Any]]:

@@ -32,7 +32,8 @@ TEACHER, STUDENT = "teacher-70b", "student-8b"
 @pytest.fixture(scope="module")
 def distill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A low bar: sandbox teacher and student answer differently, and every pair should count here.
-    env = {"GPUFLEET_DISTILL_QUALITY_THRESHOLD": "0.0", "GPUFLEET_DISTILL_AUTO_TRAIN_PAIRS": "10"}
+    env = {"GPUFLEET_DISTILL_QUALITY_THRESHOLD": "0.0", "GPUFLEET_DISTILL_AUTO_TRAIN_PAIRS": "10",
+           "GPUFLEET_DISTILL_JUDGE_MODEL": "judge-sandbox"}
     with isolated_stack(tmp_path_factory.mktemp("distill"), 8, PROVIDERS, env) as running:
         yield running
 
@@ -73,7 +74,9 @@ def test_query_answers_with_the_teacher_and_completes_the_pair(distill: Stack) -
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert pair["status"] == "complete" and pair["teacher_output"] == out["text"] and pair["student_output"]
-    assert 0 <= pair["agreement"] <= 1 and pair["score_method"] == "similarity" and pair["accepted"] is True
+    # The judge model graded the teacher's answer (the sandbox judge answers 6-10); agreement is kept too.
+    assert 0 <= pair["agreement"] <= 1 and pair["score_method"] == "judge" and 0.6 <= pair["score"] <= 1.0
+    assert pair["accepted"] is True
     assert pair["teacher_cost"] > 0 and pair["student_cost"] > 0 and pair["tags"] == ["physics"]
 
 
@@ -139,6 +142,7 @@ def test_train_register_evaluate_promote_shift_and_roll_back(client, distill: St
     v1 = versions[-1]
     assert v1["version"] == 1 and v1["served_model"].startswith("standin:")
     assert v1["metrics"]["examples"] == trained["dataset"]["counts"]["test"] and v1["metrics"]["agreement"] >= 0.3
+    assert 0.6 <= v1["metrics"]["judge_score"] <= 1.0 and v1["metrics"]["cost_per_1k_tokens"] is not None
     assert v1["stage"] == "production"
     route = next(r for r in _api(distill, "GET", "/v1/distillation/routes").json() if r["teacher_model"] == TEACHER)
     assert route["share"] == 0.5
