@@ -238,7 +238,7 @@ def dispatch(
     try:
         placement = place(
             get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, failed,
-            seed=f"{job.id}:{job.attempt}", busy=busy, monitor=health.snapshot(),
+            seed=f"{job.id}:{job.attempt}", busy=busy, stats=health.stats, monitor=health.snapshot(),
         )
     except CapacityBusy as exc:
         _wait_for_capacity(job, str(exc), actor)
