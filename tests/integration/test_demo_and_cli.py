@@ -36,7 +36,8 @@ def test_demo_runs_on_the_embedded_default_with_no_services(tmp_path: Path) -> N
     assert (tmp_path / "data" / "gpufleet.db").exists()
     # The jobs stay in the local database for the CLI to show afterwards.
     listed = _gpufleet("jobs", "--limit", "50", env=env)
-    assert listed.returncode == 0 and listed.stdout.count("succeeded") == 12
+    # The 12 submitted, and the distillation job's 5 pairs: a teacher and a student inference job each.
+    assert listed.returncode == 0 and listed.stdout.count("succeeded") == 22
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, stack) -> None:  # type: ignore[no-untyped-def]

@@ -53,7 +53,7 @@ def apis() -> Iterator[tuple[OpenAIEmulator, OpenAIEmulator]]:
 def health_stack(apis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
     env = {"GPUFLEET_TEST_HEALTH_KEY": KEY, "GPUFLEET_HEALTH_INTERVAL_SECONDS": str(INTERVAL),
            "GPUFLEET_BREAKER_FAILURES": "2", "GPUFLEET_BREAKER_OPEN_SECONDS": str(OPEN_SECONDS)}
-    with isolated_stack(tmp_path_factory.mktemp("health"), 10, _providers_yaml(apis[0].url, apis[1].url), env) as running:
+    with isolated_stack(tmp_path_factory.mktemp("health"), 6, _providers_yaml(apis[0].url, apis[1].url), env) as running:
         yield running
 
 

@@ -37,7 +37,7 @@ def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data = tmp_path_factory.mktemp("routing")
     policy = data / "residency.yaml"
     policy.write_text(POLICY)
-    with isolated_stack(data, 9, PROVIDERS, {"GPUFLEET_RESIDENCY_POLICY_FILE": str(policy)}) as running:
+    with isolated_stack(data, 7, PROVIDERS, {"GPUFLEET_RESIDENCY_POLICY_FILE": str(policy)}) as running:
         yield running
 
 
