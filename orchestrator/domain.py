@@ -51,6 +51,8 @@ class InferenceSpec(_Spec):
     prompt: str | None = None
     max_tokens: int = Field(default=256, ge=1, le=200_000)
     temperature: float = Field(default=0.7, ge=0, le=2)
+    logprobs: bool = Field(default=False, description="Ask for token log-probabilities where the API gives them "
+                                                      "(the result's mean 'logprob'); distillation teachers do.")
 
     @model_validator(mode="after")
     def _needs_input(self) -> InferenceSpec:

@@ -49,7 +49,8 @@ def _inference(req: PairRequest, model: str, role: str, priority: str) -> Infere
     return InferenceJob.model_validate({
         "kind": "inference", "priority": priority, "requirements": req.requirements,
         "timeout_seconds": req.timeout_seconds, "labels": {"distillation": role},
-        "spec": {"model": model, "messages": req.messages, "max_tokens": req.max_tokens, "temperature": req.temperature}})
+        "spec": {"model": model, "messages": req.messages, "max_tokens": req.max_tokens, "temperature": req.temperature,
+                 "logprobs": role == TEACHER}})
 
 
 def open_pairs(session: Session, tenant_id: uuid.UUID, settings: Settings, requests: list[PairRequest], *,

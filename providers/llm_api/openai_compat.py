@@ -30,6 +30,8 @@ class OpenAICompatibleProvider(ModelAPIProvider):
         body: Body = {"model": model, "messages": messages, self.max_tokens_param: int(spec.get("max_tokens") or 256)}
         if spec.get("temperature") is not None:
             body["temperature"] = float(spec["temperature"])
+        if spec.get("logprobs"):
+            body["logprobs"] = True
         return "/chat/completions", body
 
     def parse_chat(self, payload: Body, model: str) -> Body:
@@ -42,6 +44,7 @@ class OpenAICompatibleProvider(ModelAPIProvider):
                       "total_tokens": int(usage.get("total_tokens") or prompt + completion)},
             "model": payload.get("model") or model,
             "finish_reason": choice.get("finish_reason"),
+            **_mean_logprob(choice),
         }
 
     def transcribe(self, model: str, spec: dict[str, Any], timeout: float) -> Body:
@@ -60,3 +63,10 @@ class OpenAICompatibleProvider(ModelAPIProvider):
         duration = float(payload.get("duration") or spec.get("duration_seconds") or 0.0)
         return {"text": text, "model": model, "language": payload.get("language") or spec.get("language"),
                 "duration_seconds": duration, "usage": {"total_tokens": len(text.split())}}
+
+
+def _mean_logprob(choice: Body) -> Body:
+    """The answer's mean token log-probability, when the API returned them (``logprobs: true``)."""
+    tokens = ((choice.get("logprobs") or {}).get("content") or []) if isinstance(choice.get("logprobs"), dict) else []
+    values = [float(t["logprob"]) for t in tokens if isinstance(t, dict) and isinstance(t.get("logprob"), int | float)]
+    return {"logprob": round(sum(values) / len(values), 6)} if values else {}

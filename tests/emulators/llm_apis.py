@@ -240,9 +240,12 @@ class OpenAIEmulator(_ModelAPIEmulator):
         text, cut = echo(messages, max_tokens)
         prompt = sum(count_tokens(str(m.get("content", ""))) for m in messages)
         completion = count_tokens(text)
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": "length" if cut else "stop"}
+        if body.get("logprobs"):  # deterministic: every token at -0.1 (a confident answer)
+            choice["logprobs"] = {"content": [{"token": w, "logprob": -0.1} for w in text.split()]}
         return 200, {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-                     "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                  "finish_reason": "length" if cut else "stop"}],
+                     "model": model, "choices": [choice],
                      "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                "total_tokens": prompt + completion}}, {}
 

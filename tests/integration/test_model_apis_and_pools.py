@@ -219,3 +219,19 @@ def test_openai_client_through_the_front_door_reaches_anthropic(apistack) -> Non
     assert raw.headers["x-gpufleet-provider"] == "claude"
     assert "route me" in (completion.choices[0].message.content or "")
     assert float(raw.headers["x-gpufleet-cost"]) > 0
+
+
+def test_a_teacher_api_that_returns_log_probabilities_scores_its_pairs(client, apistack) -> None:
+    import httpx as _httpx
+
+    out = _httpx.post(f"{apistack.url}/v1/distillation/query", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60,
+                      json={"teacher_model": "llama-3-8b", "student_model": "llama-3-8b", "prompt": "score me",
+                            "requirements": {"providers": ["openai"]}}).json()
+    assert out["status"] == "succeeded" and out["provider"] == "openai"
+    deadline = time.monotonic() + 30
+    while (pair := client._request("GET", f"/v1/distillation/pairs/{out['pair_id']}"))["status"] == "pending":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # The emulator gives every token a log-probability of -0.1: confidence exp(-0.1) ≈ 0.905, over the 0.8 bar.
+    assert pair["score_method"] == "logprob" and pair["score"] == pytest.approx(0.9048, abs=1e-3)
+    assert pair["accepted"] is True

@@ -358,3 +358,19 @@ def test_transcription_uploads_the_fetched_audio_and_charges_its_minutes(monkeyp
             bucket = JobSpec(job_id="j3", kind="transcription", attempt=1, timeout_seconds=60,
                              spec={**spec, "audio_url": "s3://bucket/talk.wav"})
             provider.start(provider.reserve(offers[0], bucket), bucket)
+
+
+def test_log_probabilities_are_asked_for_and_averaged(monkeypatch: pytest.MonkeyPatch) -> None:
+    with OpenAIEmulator(api_key="sk-test-logprobs-0000", models=["gpt-4o-mini"]) as emu:
+        monkeypatch.setenv("GPUFLEET_TEST_LOGPROB_KEY", "sk-test-logprobs-0000")
+        provider = OpenAICompatibleProvider("oai", {"base_url": f"{emu.url}/v1", "api_key_env": "GPUFLEET_TEST_LOGPROB_KEY",
+                                                    "models": {"gpt-4o-mini": {"input_per_1k": 0.1, "output_per_1k": 0.2}}})
+        spec = {"model": "gpt-4o-mini", "prompt": "be sure", "logprobs": True}
+        job = JobSpec(job_id="j", kind="inference", attempt=1, spec=spec, timeout_seconds=60)
+        offer = provider.offers(Requirements(), "inference", spec)[0]
+        result = provider.poll(provider.start(provider.reserve(offer, job), job)).result
+        assert result is not None and result["logprob"] == pytest.approx(-0.1)
+        assert emu.requests("/v1/chat/completions")[-1]["body"]["logprobs"] is True
+        plain = JobSpec(job_id="k", kind="inference", attempt=1, spec={**spec, "logprobs": False}, timeout_seconds=60)
+        answer = provider.poll(provider.start(provider.reserve(offer, plain), plain)).result
+        assert answer is not None and "logprob" not in answer
