@@ -96,7 +96,8 @@ class AWSPoolProvider(GroupPool):
 
     # --- scaling -----------------------------------------------------------------------------
 
-    def autoscale(self, queue_depth: int, now: float | None = None, *, in_flight: int | None = None) -> str | None:
+    def autoscale(self, queue_depth: int, now: float | None = None, *, in_flight: int | None = None,
+                  waited_seconds: float = 0.0) -> str | None:
         """Resize the group for the work in sight; a one-line note when it changed, else None.
 
         ``in_flight`` is the number of this pool's jobs being served; it defaults to this process's
@@ -112,7 +113,8 @@ class AWSPoolProvider(GroupPool):
         busy = max(0, self.held_slots() if in_flight is None else in_flight)
         decision = decide(self.limits(group.min_size, group.max_size),
                           ScaleState(last_resize_at=group.tag_time(SCALED_AT_TAG), last_active_at=busy_at),
-                          current=group.desired, queue_depth=queue_depth, in_flight=busy, now=now)
+                          current=group.desired, queue_depth=queue_depth, in_flight=busy, now=now,
+                          waited_seconds=waited_seconds)
         tags: dict[str, float] = {}
         if decision.active_at != busy_at and (
                 busy_at is None or now - busy_at >= min(BUSY_TAG_REFRESH_SECONDS, self.idle_seconds / 4)):

@@ -94,7 +94,8 @@ class GCPPoolProvider(GroupPool):
         except exceptions.NotFound as exc:
             raise PermanentProviderError(str(translate(exc, f"{self.name} get of {self.group_name}"))) from None
 
-    def autoscale(self, queue_depth: int, now: float | None = None, *, in_flight: int | None = None) -> str | None:
+    def autoscale(self, queue_depth: int, now: float | None = None, *, in_flight: int | None = None,
+                  waited_seconds: float = 0.0) -> str | None:
         """Resize the group for ``queue_depth`` waiting jobs; a one-line account of the decision, None if
         nothing changed. ``in_flight`` is the number of jobs running on this pool (the caller knows it from
         the job table); without it, this process's own count is used."""
@@ -102,7 +103,8 @@ class GCPPoolProvider(GroupPool):
         state = self._state.load()
         current = int(self._get_group().target_size)
         decision = decide(self.limits(self.min_size, self.max_size), state, current=current, queue_depth=queue_depth,
-                          in_flight=self.held_slots() if in_flight is None else in_flight, now=now)
+                          in_flight=self.held_slots() if in_flight is None else in_flight, now=now,
+                          waited_seconds=waited_seconds)
         state = replace(state, last_active_at=decision.active_at)
         if decision.size is not None:
             self.compute.call("groups", f"resize of {self.group_name} to {decision.size}", lambda c: c.resize_unary(

@@ -4,8 +4,9 @@ apart from any cloud API. Each adapter keeps the state its own way (ASG tags, a 
 
 Grow: queued jobs need ceil(queue / member_concurrency) members on top of the members busy with
 work in flight, ceil(in_flight / member_concurrency); that many, clamped to [min_size, max_size],
-at once, unless the last resize was less than ``cooldown_seconds`` ago. A group above max_size
-is brought down to it.
+at once, unless the last resize was less than ``cooldown_seconds`` ago — and even then once the
+oldest queued job has waited longer than the cooldown (waiting time is a signal, not just depth).
+A group above max_size is brought down to it.
 
 Shrink: only when the pool has been idle (no queue, nothing in flight) for ``idle_seconds``, and
 then straight to min_size (zero if allowed). A partial shrink while work runs is never attempted:
@@ -47,9 +48,10 @@ class Decision:
 
 
 def decide(limits: Limits, state: ScaleState, *, current: int, queue_depth: int, in_flight: int,
-           now: float) -> Decision:
+           now: float, waited_seconds: float = 0.0) -> Decision:
     """What to do with a group of ``current`` target size; see the module's docstring for the policy.
-    Whoever applies a resize records it as ``last_resize_at``."""
+    ``waited_seconds``: how long the oldest queued job has waited — once that exceeds the cooldown,
+    growing no longer waits for it. Whoever applies a resize records it as ``last_resize_at``."""
     queue_depth, in_flight = max(0, queue_depth), max(0, in_flight)
     busy = queue_depth > 0 or in_flight > 0
     first_look = state.last_active_at is None
@@ -67,7 +69,7 @@ def decide(limits: Limits, state: ScaleState, *, current: int, queue_depth: int,
         return Decision(size, f"{reason} ({facts})", active_at, needed)
 
     if wanted > current:
-        if since_resize is not None and cooling:
+        if since_resize is not None and cooling and waited_seconds < limits.cooldown_seconds:
             return hold(f"would grow to {wanted} but cooling down for {limits.cooldown_seconds - since_resize:.0f}s more")
         capped = f" (capped at max_size {limits.max_size}, {needed} wanted)" if needed > limits.max_size else ""
         return resize(wanted, f"grow from {current} to {wanted}{capped}")

@@ -80,3 +80,14 @@ def test_an_idle_pool_at_min_size_is_steady(current: int) -> None:
     limits = Limits(min_size=current, max_size=4, member_concurrency=2, idle_seconds=300, cooldown_seconds=60)
     steady = at(current, state=ScaleState(last_active_at=T - 1000), limits=limits)
     assert steady.size is None and steady.steady and steady.active_at == T - 1000
+
+
+def test_jobs_waiting_longer_than_the_cooldown_override_it() -> None:
+    from providers.pools.scaling import Limits, ScaleState, decide
+
+    limits = Limits(min_size=0, max_size=4, member_concurrency=2, idle_seconds=60, cooldown_seconds=120)
+    state = ScaleState(last_resize_at=1000.0, last_active_at=1000.0)
+    cooling = decide(limits, state, current=1, queue_depth=4, in_flight=2, now=1030.0, waited_seconds=10)
+    assert cooling.size is None and "cooling down" in cooling.reason
+    waited = decide(limits, state, current=1, queue_depth=4, in_flight=2, now=1030.0, waited_seconds=150)
+    assert waited.size == 3
