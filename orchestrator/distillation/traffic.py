@@ -38,9 +38,15 @@ def _draw(seed: str) -> float:
     return int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big") / 2**64
 
 
-def route(session: Session, tenant_id: uuid.UUID, model: str, seed: str) -> Routed | None:
-    """The student to serve this request for ``model`` instead of the teacher, or None for the teacher."""
-    r = session.scalar(select(TrafficRoute).where(TrafficRoute.tenant_id == tenant_id, TrafficRoute.teacher_model == model))
+def active_routes(session: Session, tenant_id: uuid.UUID) -> dict[str, TrafficRoute]:
+    """The tenant's routes that take traffic, by teacher model: one select per submit call, not per job."""
+    return {r.teacher_model: r for r in session.scalars(select(TrafficRoute).where(
+        TrafficRoute.tenant_id == tenant_id, TrafficRoute.share > 0))}
+
+
+def route(session: Session, tenant_id: uuid.UUID, r: TrafficRoute | None, seed: str) -> Routed | None:
+    """The student to serve this request instead of the teacher (``r``: the route of the model asked for),
+    or None for the teacher."""
     if r is None or r.share <= 0 or _draw(seed) >= r.share:
         return None
     prod = registry.production(session, tenant_id, r.student_name)

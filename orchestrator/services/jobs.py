@@ -99,17 +99,23 @@ def _same_request(job: Job, req: Any) -> Job:
     return job
 
 
-def _distillation(session: Session, tenant_id: uuid.UUID, req: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
+def _distillation(session: Session, tenant_id: uuid.UUID, req: Any, row: dict[str, Any],
+                  routes: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Inference for a teacher model may go to its production student (traffic shift, maybe shadowed
-    by the teacher), or be flagged to pair with a student; returns the extra job rows this creates."""
+    by the teacher), or be flagged to pair with a student; returns the extra job rows this creates.
+    ``routes``: the tenant's active traffic routes, when the caller looked them up once for a batch."""
     if req.kind != "inference":
         return []
     from orchestrator.distillation import pairs, traffic
 
-    rule = residency.resolve(routing_policy().residency, req.requirements.data_class).rule
+    if routes is None:
+        routes = traffic.active_routes(session, tenant_id)
     spec = row["spec"]
+    if not routes.get(spec["model"]) and req.distill is None:
+        return []
+    rule = residency.resolve(routing_policy().residency, req.requirements.data_class).rule
     messages = spec.get("messages") or [{"role": "user", "content": spec.get("prompt", "")}]
-    routed = traffic.route(session, tenant_id, spec["model"], seed=str(row["id"]))
+    routed = traffic.route(session, tenant_id, routes.get(spec["model"]), seed=str(row["id"]))
     if routed is not None:
         row["spec"] = {**spec, "model": routed.served_model}
         row["labels"] = {**row["labels"], "route": f"student {routed.student_name} v{routed.version}"}
@@ -181,13 +187,16 @@ def submit_batch(session: Session, tenant_id: uuid.UUID, reqs: list[Any], settin
     now = utcnow()
     batch_id = uuid.uuid4()
     session.execute(insert(Batch), [{"id": batch_id, "tenant_id": tenant_id, "size": len(reqs), "created_at": now}])
+    from orchestrator.distillation import traffic
+
+    routes = traffic.active_routes(session, tenant_id) if any(r.kind == "inference" for r in reqs) else {}
     rows, reused, paired = [], [], []
     for req in reqs:
         if req.idempotency_key in existing:
             reused.append(_same_request(existing[req.idempotency_key], req))
         else:
             rows.append(_row(tenant_id, req, settings, now, batch_id))
-            paired += _distillation(session, tenant_id, req, rows[-1])
+            paired += _distillation(session, tenant_id, req, rows[-1], routes)
     if rows:
         session.execute(insert(Job), rows)
         session.execute(insert(JobEvent), [_event(r, now, actor) for r in rows])
