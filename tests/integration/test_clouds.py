@@ -304,8 +304,10 @@ def test_training_job_runs_on_gcp_on_demand_in_the_eu_and_the_vm_is_deleted(
     assert row.state == "released" and row.price_per_hour == pytest.approx(0.85) and row.cost > 0
     assert client.get(job.id).cost == pytest.approx(row.cost)
     run = gce_runner.run_of(row.external_id)
-    # The startup script ended without powering off (as on GCE): it was our release that deleted the VM.
-    assert run is not None and run.state == "exited" and run.exit_code == 0 and not run.shutdown_requested
+    # The startup script did not power off (as on GCE): it was our release that deleted the VM — either after
+    # the script ended, or in the moment between its report and its exit (then the runner saw it killed).
+    assert run is not None and not run.shutdown_requested
+    assert (run.state, run.exit_code) == ("exited", 0) or run.state == "killed"
     zone, _, name = row.external_id.partition("/")
     assert emu.instance(zone, name) is None
     assert any(r["method"] == "DELETE" and r["path"].endswith(f"/instances/{name}") for r in emu.request_log)
