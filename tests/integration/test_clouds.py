@@ -287,7 +287,9 @@ def test_training_job_runs_on_aws_spot_returns_its_output_and_the_instance_is_te
     tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
     assert tags["gpufleet-label"] == row.label and tags["gpufleet-job"] == str(job.id)
     run = ec2_runner.run_of(row.external_id)
-    assert run is not None and run.shutdown_requested and run.power_requests[-1] == "shutdown -h now"
+    # The script powers off when done — unless our release terminated the instance first, right after its report.
+    assert run is not None
+    assert (run.shutdown_requested and run.power_requests[-1] == "shutdown -h now") or run.state == "killed"
     nothing_left()
 
 
