@@ -23,6 +23,8 @@ from orchestrator.db.models import Job, Reservation
 from orchestrator.domain import JobStatus
 from orchestrator.errors import GpufleetError, InvalidInput
 from orchestrator.services import reports, reservations
+from orchestrator.services.run_spec import job_spec
+from orchestrator.services.snapshots import snapshot
 from orchestrator.settings import get_settings
 
 S = JobStatus
@@ -58,8 +60,6 @@ def check_usable(session: Any, tenant_id: uuid.UUID, rid: uuid.UUID, kind: str, 
 def claim(rid: uuid.UUID, token: str) -> dict[str, Any] | None:
     """The next job bound to this reservation for its agent, or None. Raises BadAgentToken or
     ReservationEnded (the agent then exits)."""
-    from orchestrator.services.pipeline import job_spec, snapshot  # the pipeline imports this module
-
     with session_scope() as s:
         row = s.execute(select(Reservation.state, Reservation.agent_token_hash, Reservation.label)
                         .where(Reservation.id == rid)).first()

@@ -18,26 +18,25 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
-from orchestrator.clock import as_utc, utcnow
-from orchestrator.db.engine import rows_changed, session_scope, single_statement
-from orchestrator.db.models import JOBS, Job
+from orchestrator.clock import utcnow
+from orchestrator.db.engine import rows_changed, session_scope
+from orchestrator.db.models import Job
 from orchestrator.domain import JobStatus
 from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import Placement, offer_key, place
 from orchestrator.scheduling.queues import provider_queue
 from orchestrator.services import budgets, health, messaging, reports, reservations
 from orchestrator.services.budgets import OverBudget
+from orchestrator.services.run_spec import job_spec
+from orchestrator.services.snapshots import Snapshot, snapshot
 from orchestrator.services.transitions import advance, record_event, transition
 from orchestrator.settings import Settings, get_settings
-from orchestrator.storage import StorageError, configured_storage
 from providers.base import (
-    JobSpec,
     Lease,
     NoCapacity,
     Offer,
@@ -81,138 +80,8 @@ def _exclusions(excluded: list[str], now: float | None = None) -> tuple[set[str]
 S = JobStatus
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """The fields a step needs, read in one select."""
-
-    id: uuid.UUID
-    status: JobStatus
-    attempt: int
-    max_attempts: int
-    kind: str
-    queue: str
-    spec: dict[str, Any]
-    requirements: dict[str, Any]
-    timeout_seconds: int
-    provider: str | None
-    placement: dict[str, Any] | None
-    excluded_offers: list[str]
-    run_handle: dict[str, Any] | None
-    released_at: datetime | None
-    started_at: datetime | None
-    created_at: datetime | None
-    error: str | None
-    tenant_id: uuid.UUID
-    reservation_id: uuid.UUID | None
-    report: dict[str, Any] | None
-    use_reservation_id: uuid.UUID | None
-    pair_id: uuid.UUID | None
-    labels: dict[str, Any]
-
-
-_T = JOBS.c
-_COLUMNS = (
-    Job.id,
-    Job.status,
-    Job.attempt,
-    Job.max_attempts,
-    Job.kind,
-    Job.queue,
-    Job.spec,
-    Job.requirements,
-    Job.timeout_seconds,
-    Job.provider,
-    Job.placement,
-    Job.excluded_offers,
-    Job.run_handle,
-    Job.released_at,
-    Job.started_at,
-    Job.created_at,
-    Job.error,
-    Job.tenant_id,
-    Job.reservation_id,
-    Job.report,
-    Job.use_reservation_id,
-    Job.pair_id,
-    Job.labels,
-)
-
-
-def snapshot(job_id: uuid.UUID) -> Snapshot | None:
-    with single_statement() as conn:
-        row = conn.execute(select(*(_T[c.key] for c in _COLUMNS)).where(_T.id == job_id)).first()
-    if row is None:
-        return None
-    values = row._asdict()
-    values.update(
-        status=JobStatus(row.status),
-        excluded_offers=list(row.excluded_offers or []),
-        released_at=as_utc(row.released_at),
-        started_at=as_utc(row.started_at),
-        created_at=as_utc(row.created_at),
-    )
-    return Snapshot(**values)
-
-
 def _grace(settings: Settings, extra: float = 0.0) -> datetime:
     return utcnow() + timedelta(seconds=settings.sweep_grace_seconds + extra)
-
-
-def job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
-    """What the provider runs. The env is what a job on a rented instance needs to report back;
-    the token is scoped to this job and attempt, and only its hash is stored."""
-    settings = get_settings()
-    base = (settings.callback_url or settings.api_url).rstrip("/")
-    env = {
-        "GPUFLEET_JOB_ID": str(job.id),
-        "GPUFLEET_ATTEMPT": str(job.attempt),
-        "GPUFLEET_RESERVATION": label,
-        "GPUFLEET_CALLBACK_URL": f"{base}/v1/jobs/{job.id}/report",
-        "GPUFLEET_JOB_TOKEN": token,
-    }
-    env.update(_artifact_env(settings, job))
-    if job.spec.get("checkpoint_uri"):
-        env["GPUFLEET_CHECKPOINT_URI"] = str(job.spec["checkpoint_uri"])
-    return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt,  # type: ignore[arg-type]
-                   spec=_readable_inputs(settings, job), timeout_seconds=job.timeout_seconds, env=env, label=label)
-
-
-INPUT_FIELDS = ("audio_url", "dataset_uri")
-
-
-def _readable_inputs(settings: Settings, job: Snapshot) -> dict[str, Any]:
-    """The spec with inputs in our S3 storage (``s3://bucket/prefix/…``) turned into presigned GET URLs:
-    providers and instances read them without holding our credentials."""
-    inputs = {f: str(job.spec[f]) for f in INPUT_FIELDS if str(job.spec.get(f, "")).startswith("s3://")}
-    if not inputs or not settings.artifact_base_uri:
-        return job.spec
-    try:
-        store = configured_storage(settings)
-        if not store.reachable_by_instances:
-            return job.spec
-        expires = min(7 * 24 * 3600, job.timeout_seconds + 3600)
-        return {**job.spec, **{f: store.presigned_get(store.key_of(uri), expires=expires) for f, uri in inputs.items()}}
-    except StorageError as exc:  # another bucket: pass the URI on as given
-        log.info("job %s inputs left as given: %s", job.id, exc)
-        return job.spec
-
-
-def _artifact_env(settings: Settings, job: Snapshot) -> dict[str, str]:
-    """Where the run writes its outputs: the prefix, and on S3 a presigned PUT URL for one artifact
-    (rented instances hold no storage credentials of ours)."""
-    if not settings.artifact_base_uri:
-        return {}
-    prefix = f"jobs/{job.id}/{job.attempt}"
-    try:
-        store = configured_storage(settings)
-        env = {"GPUFLEET_ARTIFACT_URI": store.uri(prefix) + "/"}
-        if store.reachable_by_instances:
-            expires = min(7 * 24 * 3600, job.timeout_seconds + 3600)
-            env["GPUFLEET_ARTIFACT_PUT_URL"] = store.presigned_put(f"{prefix}/artifact", expires=expires)
-    except StorageError as exc:  # the run can still do its work; say why it has nowhere to put outputs
-        log.warning("job %s runs without artifact storage: %s", job.id, exc)
-        return {}
-    return env
 
 
 # --- dispatch -----------------------------------------------------------------------------

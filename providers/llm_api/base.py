@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 Body = dict[str, Any]
 
 
-class ModelAPIProvider(Provider):
+class ModelAPIProvider(Provider, ABC):
     kind: ClassVar[ProviderKind] = ProviderKind.model_api
     default_base_url: ClassVar[str]
     default_key_env: ClassVar[str]
@@ -93,16 +94,17 @@ class ModelAPIProvider(Provider):
 
     # --- what subclasses define --------------------------------------------------------------
 
+    @abstractmethod
     def auth_headers(self, key: str | None) -> dict[str, str]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def chat_request(self, model: str, messages: list[dict[str, str]], spec: dict[str, Any]) -> tuple[str, Body]:
         """(path under base_url, JSON body) for one chat completion."""
-        raise NotImplementedError
 
+    @abstractmethod
     def parse_chat(self, payload: Body, model: str) -> Body:
         """The normalized result: {text, usage: {prompt_tokens, completion_tokens, total_tokens}, model, finish_reason}."""
-        raise NotImplementedError
 
     def transcribe(self, model: str, spec: dict[str, Any], timeout: float) -> Body:
         """{text, model, language, duration_seconds, usage}; only APIs with a transcription endpoint."""

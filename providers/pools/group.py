@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -70,7 +71,7 @@ def _slots_for(name: str, group: str) -> _Slots:
         return _SLOTS.setdefault((name, group), _Slots())
 
 
-class GroupPool(Provider):
+class GroupPool(Provider, ABC):
     """Base of the cloud warm pools. A subclass lists the members serving now (``serving``), fills
     the ``member_url`` template (``member_urls``) and resizes the group (``autoscale``)."""
 
@@ -105,13 +106,13 @@ class GroupPool(Provider):
 
     # --- for the subclass ----------------------------------------------------------------------
 
+    @abstractmethod
     def serving(self) -> tuple[list[str], int]:
         """(ids of the members that can take work now, the group's maximum size)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def member_urls(self, members: list[str]) -> dict[str, str]:
         """Each reachable member's URL, from ``member_address``."""
-        raise NotImplementedError
 
     def member_address(self, **fields: str) -> str:
         assert self.member_url is not None

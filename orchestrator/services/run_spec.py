@@ -1,0 +1,71 @@
+"""What a provider is given to run a job: its spec (with inputs in our bucket presigned) and the env a
+run on a rented instance needs to report back and to write its outputs — never our credentials."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from orchestrator.services.snapshots import Snapshot
+from orchestrator.settings import Settings, get_settings
+from orchestrator.storage import StorageError, configured_storage
+from providers.base import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
+    """What the provider runs. The env is what a job on a rented instance needs to report back;
+    the token is scoped to this job and attempt, and only its hash is stored."""
+    settings = get_settings()
+    base = (settings.callback_url or settings.api_url).rstrip("/")
+    env = {
+        "GPUFLEET_JOB_ID": str(job.id),
+        "GPUFLEET_ATTEMPT": str(job.attempt),
+        "GPUFLEET_RESERVATION": label,
+        "GPUFLEET_CALLBACK_URL": f"{base}/v1/jobs/{job.id}/report",
+        "GPUFLEET_JOB_TOKEN": token,
+    }
+    env.update(_artifact_env(settings, job))
+    if job.spec.get("checkpoint_uri"):
+        env["GPUFLEET_CHECKPOINT_URI"] = str(job.spec["checkpoint_uri"])
+    return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt,  # type: ignore[arg-type]
+                   spec=_readable_inputs(settings, job), timeout_seconds=job.timeout_seconds, env=env, label=label)
+
+
+INPUT_FIELDS = ("audio_url", "dataset_uri")
+
+
+def _readable_inputs(settings: Settings, job: Snapshot) -> dict[str, Any]:
+    """The spec with inputs in our S3 storage (``s3://bucket/prefix/…``) turned into presigned GET URLs:
+    providers and instances read them without holding our credentials."""
+    inputs = {f: str(job.spec[f]) for f in INPUT_FIELDS if str(job.spec.get(f, "")).startswith("s3://")}
+    if not inputs or not settings.artifact_base_uri:
+        return job.spec
+    try:
+        store = configured_storage(settings)
+        if not store.reachable_by_instances:
+            return job.spec
+        expires = min(7 * 24 * 3600, job.timeout_seconds + 3600)
+        return {**job.spec, **{f: store.presigned_get(store.key_of(uri), expires=expires) for f, uri in inputs.items()}}
+    except StorageError as exc:  # another bucket: pass the URI on as given
+        log.info("job %s inputs left as given: %s", job.id, exc)
+        return job.spec
+
+
+def _artifact_env(settings: Settings, job: Snapshot) -> dict[str, str]:
+    """Where the run writes its outputs: the prefix, and on S3 a presigned PUT URL for one artifact
+    (rented instances hold no storage credentials of ours)."""
+    if not settings.artifact_base_uri:
+        return {}
+    prefix = f"jobs/{job.id}/{job.attempt}"
+    try:
+        store = configured_storage(settings)
+        env = {"GPUFLEET_ARTIFACT_URI": store.uri(prefix) + "/"}
+        if store.reachable_by_instances:
+            expires = min(7 * 24 * 3600, job.timeout_seconds + 3600)
+            env["GPUFLEET_ARTIFACT_PUT_URL"] = store.presigned_put(f"{prefix}/artifact", expires=expires)
+    except StorageError as exc:  # the run can still do its work; say why it has nowhere to put outputs
+        log.warning("job %s runs without artifact storage: %s", job.id, exc)
+        return {}
+    return env
