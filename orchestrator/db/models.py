@@ -132,6 +132,10 @@ class Job(Base):
     # The teacher/student pair this job answers for (distillation), and which side it is.
     pair_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     pair_role: Mapped[str | None] = mapped_column(String(16))
+    # Runs that were lost after they started (preempted, host gone, a retryable exit) and ran again,
+    # and the work they lost: time since the last checkpoint (or since the start) when each ended.
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lost_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class JobEvent(Base):
@@ -146,6 +150,35 @@ class JobEvent(Base):
     actor: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class JobCheckpoint(Base):
+    """A checkpoint a run reported (``GPUFLEET_CHECKPOINT {"step": …, "uri": …}`` on its output): the
+    next run of the job resumes from the latest one. One row per step, however often it is reported."""
+
+    __tablename__ = "job_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInteger)
+    uri: Mapped[str] = mapped_column(Text)
+    reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+
+
+class JobLog(Base):
+    """A chunk of a run's output, in the order it arrived (``id``): what ``gpufleet logs`` shows."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (Index("ix_job_logs_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    stream: Mapped[str] = mapped_column(String(8))
+    text: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
 
 
 class Reservation(Base):
