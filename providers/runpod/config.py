@@ -14,7 +14,12 @@ DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"  # ha
 
 
 class EndpointConfig(BaseModel):
-    """A serverless endpoint someone deployed on RunPod; we only send it requests."""
+    """A serverless endpoint someone deployed on RunPod; we send it requests and, with ``autoscale``,
+    set its max workers from the work in sight (``providers.runpod.autoscaling``).
+
+    ``min_workers``/``max_workers`` are our limits for the endpoint (``max_workers`` is also the
+    offer's capacity); the ``scale_*`` keys are named as the cloud pools name theirs. Autoscaling is
+    opt-in because it rewrites a setting of an endpoint that someone else may manage by hand."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,11 +36,22 @@ class EndpointConfig(BaseModel):
     price_per_hour: float | None = Field(default=None, ge=0)
     kinds: list[str] = Field(default_factory=lambda: ["inference", "transcription"])
     models: list[str] = Field(default_factory=list, description="Model names it serves; empty means any.")
+    autoscale: bool = Field(default=False, description="Let the beat set workersMax within [min_workers, max_workers].")
+    worker_concurrency: int = Field(default=1, ge=1, description="Requests one worker serves at once.")
+    scale_cooldown_seconds: float = Field(default=120, ge=0, description="No resize sooner than this after the last.")
+    scale_down_idle_seconds: float = Field(default=600, ge=0, description="Idle this long before going to min_workers.")
 
     @model_validator(mode="after")
     def _one_price(self) -> EndpointConfig:
         if (self.price_per_second is None) == (self.price_per_hour is None):
             raise ValueError(f"endpoint {self.endpoint_id}: set exactly one of price_per_second, price_per_hour")
+        return self
+
+    @model_validator(mode="after")
+    def _limits(self) -> EndpointConfig:
+        # Checked only when we scale: min_workers is otherwise informational and old configs stay valid.
+        if self.autoscale and self.min_workers > self.max_workers:
+            raise ValueError(f"endpoint {self.endpoint_id}: autoscale needs min_workers <= max_workers")
         return self
 
     @property

@@ -1,11 +1,23 @@
 """GraphQL text for RunPod: the SDK pastes our values between double quotes without escaping them,
-so every string we hand it goes through ``literal`` first, and the one mutation the SDK lacks
-(interruptible pods) is written here in the SDK's own style."""
+so every string we hand it goes through ``literal`` first, and the mutations the SDK lacks
+(interruptible pods, changing an endpoint's workers) are written here in the SDK's own style."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from typing import Any
+
+# An endpoint's settings that ``saveEndpoint`` is sent back unchanged when we only change its workers,
+# with their GraphQL types as the SDK's ``generate_endpoint_mutation`` writes them. RunPod documents
+# that omitted optional fields take default values; whether that holds for an update is unverified,
+# so we re-send what the endpoint has rather than risk resetting its idle timeout or scaler.
+_KEPT_SETTINGS: tuple[tuple[str, type], ...] = (
+    ("idleTimeout", int), ("scalerType", str), ("scalerValue", int), ("locations", str),
+    ("networkVolumeId", str), ("gpuCount", int))
+# Required by ``saveEndpoint`` even for an update of an existing endpoint.
+ENDPOINT_REQUIRED = ("name", "gpuIds", "templateId")
 
 
 def literal(value: object) -> str:
@@ -66,3 +78,26 @@ def interruptible_pod_mutation(
         "mutation {\n  podRentInterruptable(\n    input: {\n      " + ", ".join(fields) + "\n    }\n  ) {\n"
         "    id\n    imageName\n    env\n    machineId\n    costPerHr\n    machine {\n      podHostId\n    }\n  }\n}\n"
     )
+
+
+def save_endpoint_workers_mutation(endpoint: Mapping[str, Any], *, workers_min: int, workers_max: int) -> str:
+    """``saveEndpoint`` with the endpoint's ``id``: RunPod's way to modify an endpoint. ``endpoint`` is
+    the endpoint as ``runpod.get_endpoints()`` reads it; its required fields (name, gpuIds,
+    templateId) and the settings in ``_KEPT_SETTINGS`` it has are sent back as they are, so the
+    only change is to workersMin and workersMax."""
+    missing = [key for key in ("id", *ENDPOINT_REQUIRED) if not isinstance(endpoint.get(key), str)]
+    if missing:
+        raise ValueError(f"RunPod endpoint {endpoint.get('id')!r} was read without {', '.join(missing)}")
+    fields = [f'id: "{literal(endpoint["id"])}"']
+    fields += [f'{key}: "{literal(endpoint[key])}"' for key in ENDPOINT_REQUIRED]
+    for key, kind in _KEPT_SETTINGS:
+        value = endpoint.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        if kind is int and isinstance(value, (int, float)):
+            fields.append(f"{key}: {int(value)}")
+        elif kind is str and isinstance(value, str):
+            fields.append(f'{key}: "{literal(value)}"')
+    fields += [f"workersMin: {int(workers_min)}", f"workersMax: {int(workers_max)}"]
+    return ("mutation {\n  saveEndpoint(\n    input: {\n      " + ", ".join(fields) + "\n    }\n  ) {\n"
+            "    id\n    workersMin\n    workersMax\n  }\n}\n")

@@ -3,6 +3,8 @@
 The adapter drives the official ``runpod`` SDK, imported lazily (see ``sdk.py`` for the globals and
 logging it touches). Offers say which half serves them (``endpoint:…`` or ``pod:…``); leases and
 handles carry ``data["type"]`` so a restarted worker can pick a run up from its JSON alone.
+Endpoints configured with ``autoscale: true`` have their max workers set by the beat's autoscaler
+(``autoscale``, policy in ``providers.pools.scaling``; see ``autoscaling.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from providers.base import (
     RunStatus,
 )
 from providers.runpod.api import Api
+from providers.runpod.autoscaling import EndpointScaler
 from providers.runpod.config import PodsConfig, RunPodConfig
 from providers.runpod.pods import Pods
 from providers.runpod.sdk import ApiSettings
@@ -45,6 +48,11 @@ class RunPodProvider(Provider):
                        missing_key=f"no RunPod API key: set {self.settings.api_key_env} or the provider's api_key")
         self.serverless = Serverless(name, self.settings.endpoints, self.api)
         self.pods = Pods(name, self.settings.pods, self.api, self.provisioning_timeout) if self.settings.pods else None
+        self.scaler = EndpointScaler(name, self.settings.endpoints, self.api, self.serverless,
+                                     state_dir=self.config.get("state_dir"),
+                                     sole=len(self.settings.endpoints) == 1 and self.pods is None)
+        # What the beat's autoscaler counts as this provider's queue: jobs of the autoscaled endpoints' kinds.
+        self.kinds: list[str] = self.scaler.kinds
         self._health: tuple[float, Health] | None = None
 
     def _api_settings(self) -> ApiSettings | None:
@@ -97,6 +105,14 @@ class RunPodProvider(Provider):
         health = self._check_health()
         self._health = (now, health)
         return health
+
+    def autoscale(self, queue_depth: int, now: float | None = None, *, in_flight: int | None = None,
+                  waited_seconds: float = 0.0) -> str | None:
+        """Called from the beat (``orchestrator.services.autoscaler``) with the jobs queued for this
+        provider, its jobs running (job table, all workers) and how long the oldest queued one waited:
+        sets the max workers of every endpoint with ``autoscale: true``. A line per endpoint whose
+        decision is worth reading, None when nothing changed or nothing is autoscaled (no API call)."""
+        return self.scaler.autoscale(queue_depth, now, in_flight=in_flight, waited_seconds=waited_seconds)
 
     # --- helpers --------------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """Serverless endpoints: a job is one request (``/run`` → ``/status`` → ``/cancel``). Nothing is
-rented, so the lease is free and the cost is the request's execution time × the endpoint's price."""
+rented, so the lease is free and the cost is the request's execution time × the endpoint's price.
+An endpoint's workers are RunPod's to start; ``autoscaling`` only moves its ceiling (workersMax), so
+offers keep the configured ``max_workers`` as capacity and a request sent while the ceiling is zero
+waits IN_QUEUE at RunPod until the beat raises it."""
 
 from __future__ import annotations
 
@@ -113,6 +116,21 @@ class Serverless:
             workers = answer.get("workers", {}) if isinstance(answer, dict) else {}
             details.append(f"endpoint {endpoint_id}: {workers.get('idle', '?')} idle, {workers.get('running', '?')} busy")
         return "; ".join(details)
+
+    def requests_held(self, endpoint_id: str) -> int | None:
+        """Requests RunPod holds for the endpoint (waiting for a worker, or running) by its ``/health``:
+        the autoscaler's measure of work there, whoever sent it. None when the answer does not say
+        (the shape of ``/health`` is unverified), so the caller can fall back to its own count."""
+        timeout = self.api.request_timeout()
+        answer = self.api.serverless(endpoint_id, f"checking the load of endpoint {endpoint_id}",
+                                     partial(_get, path=f"{endpoint_id}/health", timeout=timeout),
+                                     safe_to_repeat=True)
+        jobs = answer.get("jobs") if isinstance(answer, dict) else None
+        if not isinstance(jobs, dict):
+            return None
+        counts = [jobs.get(key) for key in ("inQueue", "inProgress")]
+        numbers = [int(c) for c in counts if isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0]
+        return sum(numbers) if numbers else None
 
 
 def _get(client: Any, path: str, timeout: float) -> Any:

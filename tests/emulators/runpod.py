@@ -6,15 +6,23 @@ One HTTP server on 127.0.0.1 answers both, in the shapes the ``runpod`` SDK read
 - serverless: ``/v2/{endpoint}/run|runsync|status/{id}|stream/{id}|cancel/{id}|health|purge-queue``.
   A request goes IN_QUEUE → IN_PROGRESS → COMPLETED after its endpoint's delay; the output is
   computed from the input (inference and transcription through ``providers.sandbox.models``,
-  anything else echoed). Statuses carry ``delayTime`` and ``executionTime`` in ms.
+  anything else echoed). Statuses carry ``delayTime`` and ``executionTime`` in ms. Each endpoint
+  has RunPod's settings too (name, templateId, gpuIds, idleTimeout, scaler, ``workersMin``,
+  ``workersMax``); while its workersMax is 0 no worker may start, so requests stay IN_QUEUE until it
+  is raised (then their queue time starts).
 - GraphQL: ``POST /graphql``, the query text parsed with regexes and a small literal parser (string
   literals are unescaped as GraphQL does, so escaping bugs in a client show up as syntax errors or
   mangled values). GPU types with prices and stock per cloud; pods that boot after a delay and then
   really run their ``dockerArgs`` as ``sh -c`` subprocesses with the pod's env; billing per second.
+  ``myself { endpoints {…} }`` lists the endpoints and ``saveEndpoint(input: {id, …})`` modifies one,
+  validated as RunPod documents it: name, gpuIds and templateId are required, an unknown id is an
+  error in the body, and optional settings left out take their defaults (the cautious reading of
+  "default values will be used if unspecified"), so a client that forgets to send them back shows.
 
 Both require ``Authorization: Bearer <key>``. Tests steer it with Python methods (``fail``,
-``hang``, ``down``/``up``, ``out_of_stock``, ``stick``, ``preempt``, ``fail_next``, ``set_delay``)
-or, from another process, with ``/_emulator/…`` HTTP controls. ``python -m tests.emulators.runpod``
+``hang``, ``down``/``up``, ``out_of_stock``, ``stick``, ``preempt``, ``fail_next``, ``set_delay``,
+``set_workers``) or, from another process, with ``/_emulator/…`` HTTP controls, and read an
+endpoint's workers with ``workers_max`` / ``endpoint_settings``. ``python -m tests.emulators.runpod``
 runs it from a shell.
 """
 
@@ -38,7 +46,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from providers.sandbox import models
-from tests.emulators.graphql_text import GraphQLSyntaxError, input_of
+from tests.emulators.graphql_text import GraphQLSyntaxError, input_of, parse_value
 from tests.emulators.server import LoopbackServer
 
 CAPACITY_ERROR = ("There are no longer any instances available with the requested specifications. "
@@ -61,6 +69,11 @@ DEFAULT_GPU_TYPES: list[dict[str, Any]] = [
 ]
 CLOUDS = ("SECURE", "COMMUNITY")
 _PRICE_KEYS = {"SECURE": ("securePrice", "secureSpotPrice"), "COMMUNITY": ("communityPrice", "communitySpotPrice")}
+# saveEndpoint's optional settings and the values RunPod uses when one is not given (its documented
+# create defaults; the SDK's create_endpoint uses the same).
+ENDPOINT_DEFAULTS: dict[str, Any] = {"idleTimeout": 5, "scalerType": "QUEUE_DELAY", "scalerValue": 4, "locations": "",
+                                     "networkVolumeId": "", "gpuCount": 1, "workersMin": 0, "workersMax": 3}
+ENDPOINT_REQUIRED = ("name", "gpuIds", "templateId")
 
 
 def _js_date(at: float) -> str:
@@ -101,12 +114,19 @@ class _Request:
     limit_s: float | None = None  # policy.executionTimeout
     cancelled_at: float | None = None
     streamed: bool = False
+    released: float | None = None  # when a worker could first start for it (its endpoint's workersMax > 0)
 
     def ran(self, now: float) -> float:
         """Seconds of execution so far (what RunPod bills)."""
+        if self.released is None:
+            return 0.0
         end = min(now, self.cancelled_at) if self.cancelled_at is not None else now
-        run = max(0.0, end - self.submitted - self.queue_s)
+        run = max(0.0, end - self.released - self.queue_s)
         return min(run, self._end())
+
+    def waited(self) -> float:
+        """Seconds in the queue before running (RunPod's delayTime), the hold for a worker included."""
+        return (self.released - self.submitted if self.released is not None else 0.0) + self.queue_s
 
     def _end(self) -> float:
         return self.limit_s if self.limit_s is not None and self.limit_s < self.exec_s else self.exec_s
@@ -114,7 +134,9 @@ class _Request:
     def status(self, now: float) -> str:
         if self.cancelled_at is not None:
             return "CANCELLED"
-        elapsed = now - self.submitted
+        if self.released is None:
+            return "IN_QUEUE"
+        elapsed = now - self.released
         if elapsed < self.queue_s:
             return "IN_QUEUE"
         if elapsed - self.queue_s < self._end():
@@ -183,6 +205,13 @@ class RunPodEmulator(LoopbackServer):
         self.host = host
         self.endpoints = {name: {"workers": 1, "delay_seconds": 0.2, **cfg, "fail_next": []}
                           for name, cfg in (DEFAULT_ENDPOINTS if endpoints is None else endpoints).items()}
+        # RunPod's settings of each endpoint, as saveEndpoint changes them; workersMax defaults to the
+        # endpoint's worker count ("workers"), unless the test gives "workers_max"/"workers_min".
+        self.settings: dict[str, dict[str, Any]] = {
+            name: {**ENDPOINT_DEFAULTS, "id": name, "name": name, "gpuIds": "AMPERE_80", "templateId": f"tpl-{name}",
+                   "workersMin": int(cfg.get("workers_min", 0)),
+                   "workersMax": int(cfg.get("workers_max", cfg["workers"]))}
+            for name, cfg in self.endpoints.items()}
         self.gpu_types = {g["id"]: {**g, "stock": dict(g.get("stock", {}))} for g in (gpu_types or DEFAULT_GPU_TYPES)}
         self.requests: list[dict[str, Any]] = []
         self.control_requests: list[dict[str, Any]] = []
@@ -280,6 +309,33 @@ class RunPodEmulator(LoopbackServer):
         with self._lock:
             self.endpoints[endpoint]["delay_seconds"] = float(seconds)
 
+    def set_workers(self, endpoint: str, workers_max: int | None = None, workers_min: int | None = None,
+                    **settings: Any) -> None:
+        """Change an endpoint's settings as someone in the RunPod console would (no request logged)."""
+        with self._lock:
+            record = self.settings[endpoint]
+            if workers_max is not None:
+                record["workersMax"] = int(workers_max)
+            if workers_min is not None:
+                record["workersMin"] = int(workers_min)
+            record.update(settings)
+            self._advance()
+
+    def workers_max(self, endpoint: str) -> int:
+        """The endpoint's current workersMax, as RunPod would show it."""
+        with self._lock:
+            return int(self.settings[endpoint]["workersMax"])
+
+    def endpoint_settings(self, endpoint: str) -> dict[str, Any]:
+        """All of the endpoint's RunPod settings (a copy): workersMin, workersMax, idleTimeout, …"""
+        with self._lock:
+            return dict(self.settings[endpoint])
+
+    def saves(self) -> list[dict[str, Any]]:
+        """Every saveEndpoint request, in order: its input as parsed and the status answered."""
+        return [{"input": r.get("input"), "status": r.get("status"), "errors": r.get("errors")}
+                for r in list(self.requests) if r.get("op") == "saveEndpoint"]
+
     def pods(self, include_gone: bool = False) -> list[dict[str, Any]]:
         """Pods as the emulator holds them: name and env exactly as parsed from the GraphQL text."""
         with self._lock:
@@ -320,8 +376,10 @@ class RunPodEmulator(LoopbackServer):
             return fh.read()
 
     def state(self) -> dict[str, Any]:
+        with self._lock:
+            endpoints = {name: dict(record) for name, record in self.settings.items()}
         return {"pods": self.pods(include_gone=True), "alive": self.alive(), "jobs": self.jobs(),
-                "requests": list(self.requests), "billing": self.billing(), "up": self.is_up}
+                "requests": list(self.requests), "billing": self.billing(), "up": self.is_up, "endpoints": endpoints}
 
     # --- time passing ------------------------------------------------------------------------------
 
@@ -332,6 +390,9 @@ class RunPodEmulator(LoopbackServer):
 
     def _advance(self) -> None:
         now = time.time()
+        for job in self._jobs.values():
+            if job.released is None and job.cancelled_at is None and self.settings[job.endpoint]["workersMax"] > 0:
+                job.released = now
         for pod in self._pods.values():
             if pod.desired != "RUNNING":
                 continue
@@ -469,10 +530,11 @@ class RunPodEmulator(LoopbackServer):
         if outcome == "TIMED_OUT":
             limit = min(limit, exec_s) if limit is not None else exec_s
             exec_s = limit + 1.0
-        job = _Request(id=f"{uuid.uuid4()}-u1", endpoint=endpoint, input=body["input"], submitted=time.time(),
+        now = time.time()
+        job = _Request(id=f"{uuid.uuid4()}-u1", endpoint=endpoint, input=body["input"], submitted=now,
                        queue_s=float(cfg.get("queue_seconds", self.queue_seconds)), exec_s=exec_s, outcome=outcome,
                        error=(error or "handler raised RuntimeError: emulated failure") if outcome == "FAILED" else None,
-                       limit_s=limit)
+                       limit_s=limit, released=now if self.settings[endpoint]["workersMax"] > 0 else None)
         self._jobs[job.id] = job
         return 200, {"id": job.id, "status": "IN_QUEUE"}, {}
 
@@ -490,7 +552,7 @@ class RunPodEmulator(LoopbackServer):
         status = job.status(now)
         out: dict[str, Any] = {"id": job.id, "status": status}
         if status != "IN_QUEUE":
-            out["delayTime"] = int(job.queue_s * 1000)
+            out["delayTime"] = int(job.waited() * 1000)
         if status not in ("IN_QUEUE", "IN_PROGRESS"):
             out["executionTime"] = int(job.ran(now) * 1000)
         if status == "COMPLETED":
@@ -528,7 +590,7 @@ class RunPodEmulator(LoopbackServer):
             if job.endpoint == endpoint:
                 status = job.status(now)
                 counts[status] = counts.get(status, 0) + 1
-        workers = int(self.endpoints[endpoint]["workers"])
+        workers = min(int(self.endpoints[endpoint]["workers"]), int(self.settings[endpoint]["workersMax"]))
         busy = min(workers, counts.get("IN_PROGRESS", 0))
         return {"jobs": {"completed": counts.get("COMPLETED", 0), "failed": counts.get("FAILED", 0),
                          "inProgress": counts.get("IN_PROGRESS", 0), "inQueue": counts.get("IN_QUEUE", 0), "retried": 0},
@@ -556,6 +618,7 @@ class RunPodEmulator(LoopbackServer):
         ("podRentInterruptable", r"\bpodRentInterruptable\s*\("),
         ("podTerminate", r"\bpodTerminate\s*\("),
         ("podStop", r"\bpodStop\s*\("),
+        ("saveEndpoint", r"\bsaveEndpoint\s*\("),
         ("pod", r"\bpod\s*\(\s*input"),
         ("myself", r"\bmyself\s*\{"),
         ("gpuType", r"\bgpuTypes\s*\(\s*input"),
@@ -570,10 +633,13 @@ class RunPodEmulator(LoopbackServer):
         try:
             with self._lock:
                 self._advance()
-                data = getattr(self, f"_gql_{op}")(query)
+                handler = getattr(self, f"_gql_{op}")
+                data = handler(query, entry) if op == "saveEndpoint" else handler(query)
         except GraphQLSyntaxError as exc:
+            entry["errors"] = [str(exc)]
             return 400, {"errors": [{"message": str(exc)}]}, {}
         except _GraphQLError as exc:
+            entry["errors"] = [str(exc)]
             return 200, {"errors": [{"message": str(exc), "path": [op]}], "data": {op: None}}, {}
         return 200, {"data": data}, {}
 
@@ -670,7 +736,39 @@ class RunPodEmulator(LoopbackServer):
     def _gql_myself(self, query: str) -> dict[str, Any]:
         if re.search(r"\bpods\s*\{", query):
             return {"myself": {"pods": [self._view_pod(p) for p in self._pods.values()]}}
+        if re.search(r"\bendpoints\s*\{", query):
+            return {"myself": {"endpoints": [self._view_endpoint(name) for name in self.settings]}}
         return {"myself": {"id": "user-emulated", "pubKey": "", "networkVolumes": []}}
+
+    def _view_endpoint(self, name: str) -> dict[str, Any]:
+        """An endpoint as ``myself { endpoints {…} }`` shows it (the SDK's get_endpoints fields)."""
+        record = self.settings[name]
+        return {**record, "aiKey": None, "type": "QB", "userId": "user-emulated", "version": 0, "workersStandby": 0,
+                "env": [], "createdAt": "2026-01-01T00:00:00.000Z", "networkVolume": None}
+
+    def _gql_saveEndpoint(self, query: str, entry: dict[str, Any]) -> dict[str, Any]:  # noqa: N802
+        spec = input_of(query, "saveEndpoint")
+        entry["input"] = spec
+        for required in ENDPOINT_REQUIRED:
+            if not isinstance(spec.get(required), str):
+                raise GraphQLSyntaxError(f"Field \"{required}\" of required type \"String!\" was not provided.")
+        for key in ("workersMin", "workersMax", "idleTimeout", "scalerValue", "gpuCount"):
+            if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool)):
+                raise GraphQLSyntaxError(f"Int cannot represent non-integer value: {spec[key]!r} ({key})")
+        endpoint_id = spec.get("id")
+        if endpoint_id is None:
+            raise _GraphQLError("the emulator does not create endpoints: saveEndpoint needs the id of an existing one")
+        if endpoint_id not in self.settings:
+            raise _GraphQLError(f"Endpoint {endpoint_id} not found")  # wording unverified
+        record = {**ENDPOINT_DEFAULTS, **{k: v for k, v in spec.items() if k in ENDPOINT_DEFAULTS or k in ENDPOINT_REQUIRED}}
+        if record["workersMin"] < 0 or record["workersMax"] < 0:
+            raise _GraphQLError("workersMin and workersMax must not be negative")
+        if record["workersMin"] > record["workersMax"]:
+            raise _GraphQLError("Max workers must be greater than or equal to min workers")  # wording unverified
+        self.settings[endpoint_id] = {**record, "id": endpoint_id}
+        self._advance()
+        return {"saveEndpoint": {key: value for key, value in self.settings[endpoint_id].items()
+                                 if re.search(rf"\b{key}\b", _selection(query, "saveEndpoint"))}}
 
     def _view_pod(self, pod: _Pod) -> dict[str, Any]:
         now = time.time()
@@ -725,6 +823,8 @@ class RunPodEmulator(LoopbackServer):
                 self.fail_next(body["endpoint"], body.get("status", "FAILED"), body.get("count", 1), body.get("error"))
             elif action == "set_delay":
                 self.set_delay(body["endpoint"], body["seconds"])
+            elif action == "set_workers":
+                self.set_workers(body["endpoint"], body.get("workers_max"), body.get("workers_min"))
             elif action == "down":
                 seconds = float(body.get("seconds", 1.0))
                 threading.Thread(target=self._outage, args=(seconds,), daemon=True).start()
@@ -737,6 +837,17 @@ class RunPodEmulator(LoopbackServer):
     def _outage(self, seconds: float) -> None:
         time.sleep(0.05)  # let the control request's answer go out first
         self.down(seconds)
+
+
+def _selection(query: str, field_name: str) -> str:
+    """The text of ``field_name(input: {…}) { … }``'s selection set (flat: enough for the fields we answer)."""
+    match = re.search(rf"\b{field_name}\s*\(\s*input\s*:\s*", query)
+    if not match:
+        return ""
+    _, pos = parse_value(query, match.end())  # past the input object, string literals and all
+    start = query.find("{", pos)
+    end = query.find("}", start)
+    return query[start:end] if start >= 0 and end >= 0 else ""
 
 
 class _GraphQLError(Exception):

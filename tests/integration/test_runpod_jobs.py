@@ -1,6 +1,7 @@
 """Jobs on RunPod, end to end: serverless endpoints for inference and transcription, pods for
 training, through the real `runpod` SDK against the emulator of RunPod's REST and GraphQL APIs,
-with our API, Postgres, Redis and Celery worker processes."""
+with our API, Postgres, Redis and Celery worker processes; and the beat's autoscaler setting an
+endpoint's max workers from the jobs sent to it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.emulators.runpod import RunPodEmulator
+from tests.emulators.runpod import DEFAULT_ENDPOINTS, RunPodEmulator
 
 from .conftest import KEY_A, Stack, isolated_stack, wait_for_status
 
 RUNPOD_KEY = "rp-secret-key-" + "q" * 20
+SCALED = "llm-scaled"  # the endpoint the beat autoscales: it starts with workersMax 0 (scaled to zero)
+SCALED_MODEL = "qwen-2.5-7b"  # served only there (and by vllm-llama, which costs more)
 
 
 def _providers_yaml(emulator: RunPodEmulator) -> str:
@@ -28,6 +31,8 @@ providers:
     endpoints:
       - {{endpoint_id: vllm-llama, gpu: A100, price_per_second: 0.00076, max_workers: 2, kinds: [inference]}}
       - {{endpoint_id: whisper, gpu: L4, price_per_second: 0.00031, max_workers: 1, kinds: [transcription]}}
+      - {{endpoint_id: {SCALED}, gpu: A100, price_per_second: 0.0004, max_workers: 2, kinds: [inference],
+          models: [{SCALED_MODEL}], autoscale: true, scale_cooldown_seconds: 1, scale_down_idle_seconds: 2}}
     pods:
       gpu_types: ["NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3"]
       cloud_type: ALL
@@ -36,14 +41,16 @@ providers:
 
 @pytest.fixture(scope="module")
 def runpod_api() -> Iterator[RunPodEmulator]:
-    with RunPodEmulator(api_key=RUNPOD_KEY, boot_delay=0.3) as emulator:
+    endpoints = {**DEFAULT_ENDPOINTS, SCALED: {"price_per_second": 0.0004, "workers": 2, "workers_max": 0,
+                                               "delay_seconds": 0.3}}
+    with RunPodEmulator(api_key=RUNPOD_KEY, boot_delay=0.3, endpoints=endpoints) as emulator:
         yield emulator
 
 
 @pytest.fixture(scope="module")
 def market(runpod_api, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
     with isolated_stack(tmp_path_factory.mktemp("runpod"), 12, _providers_yaml(runpod_api),
-                        {"GPUFLEET_TEST_RUNPOD_KEY": RUNPOD_KEY}) as running:
+                        {"GPUFLEET_TEST_RUNPOD_KEY": RUNPOD_KEY, "GPUFLEET_AUTOSCALE_INTERVAL_SECONDS": "1"}) as running:
         yield running
 
 
@@ -132,3 +139,39 @@ def test_preempted_pod_fails_over(client, runpod_api) -> None:
     assert done.status.value == "succeeded", done.error and done.attempt == 2
     assert any("disappeared" in e.reason for e in done.events)
     no_pods_left(runpod_api)
+
+
+def _workers_max_becomes(emulator: RunPodEmulator, value: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (now := emulator.workers_max(SCALED)) != value:
+        assert time.monotonic() < deadline, f"workersMax of {SCALED} is {now}, never {value}"
+        time.sleep(0.1)
+
+
+def test_the_beat_raises_max_workers_for_jobs_on_an_autoscaled_endpoint_and_scales_it_back_to_zero(
+        client, runpod_api) -> None:  # type: ignore[no-untyped-def]
+    _workers_max_becomes(runpod_api, 0)  # idle (other tests' inference may have raised it): at zero
+    saves_before = len(runpod_api.saves())
+    jobs = [client.submit("inference", {"model": SCALED_MODEL, "prompt": f"question {i}", "max_tokens": 4},
+                          requirements={"providers": ["runpod"]}) for i in range(3)]
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    while not all(client.get(j.id, events=False).done for j in jobs):
+        seen.append(runpod_api.workers_max(SCALED))
+        assert time.monotonic() < deadline, f"jobs not done; workersMax seen {seen[-5:]}"
+        time.sleep(0.1)
+    for job in jobs:
+        done = client.get(job.id)
+        assert done.status.value == "succeeded", done.error
+        assert done.offer_id == f"endpoint:{SCALED}" and done.result["model"] == SCALED_MODEL
+    # Held IN_QUEUE at zero workers until the beat raised the ceiling: grown for the three requests,
+    # capped at max_workers 2, with workersMin kept at 0 — every change through saveEndpoint.
+    assert max(seen) == 2
+    grown = runpod_api.saves()[saves_before:]
+    assert grown and all(s["status"] == 200 and s["input"]["workersMin"] == 0 and s["input"]["workersMax"] <= 2
+                         for s in grown)
+    held = [j for j in runpod_api.jobs() if j["endpoint"] == SCALED]
+    assert len(held) >= 3 and all(j["status"] == "COMPLETED" for j in held)
+    # Idle for scale_down_idle_seconds: back to zero workers.
+    _workers_max_becomes(runpod_api, 0)
+    assert runpod_api.endpoint_settings(SCALED)["workersMin"] == 0

@@ -403,6 +403,155 @@ def test_owned_lists_only_our_labelled_pods(emu: RunPodEmulator) -> None:
     assert [p["name"] for p in emu.pods()] == ["someone-elses-notebook"]
 
 
+# --- autoscaling: the endpoint's max workers ------------------------------------------------------
+
+
+def scaled(emu: RunPodEmulator, state_dir: Path | None = None, provider: dict[str, Any] | None = None,
+           **endpoint: Any) -> RunPodProvider:
+    """The ``llm`` endpoint with ``autoscale: true`` (max 3 workers, cooldown 60 s, idle 30 s); ``asr`` not.
+    ``endpoint`` overrides llm's keys, ``provider`` the provider's."""
+    llm = {"endpoint_id": "llm", "gpu": "A100", "gpu_memory_gb": 80, "region": "US", "price_per_second": 0.0005,
+           "models": ["llama-3-8b"], "kinds": ["inference"], "autoscale": True, "min_workers": 0, "max_workers": 3,
+           "scale_cooldown_seconds": 60, "scale_down_idle_seconds": 30, **endpoint}
+    asr = {"endpoint_id": "asr", "gpu": "RTX 4090", "gpu_memory_gb": 24, "region": "EU-SE", "max_workers": 1,
+           "price_per_hour": 0.72, "kinds": ["transcription"]}
+    extra: dict[str, Any] = {"state_dir": str(state_dir)} if state_dir is not None else {}
+    return make(emu, endpoints=[llm, asr], **extra, **(provider or {}))
+
+
+def test_autoscale_raises_max_workers_to_the_demand_within_max_workers(emu: RunPodEmulator) -> None:
+    emu.set_workers("llm", workers_max=0, idleTimeout=17)  # scaled to zero, with a setting of its own
+    provider = scaled(emu)
+    assert provider.kinds == ["inference"]  # the autoscaler counts queued jobs of these kinds
+    lease, handle = run_request(provider, job("inference", INFER))
+    time.sleep(0.2)
+    assert provider.poll(handle).provisioning  # no worker may start: RunPod holds the request IN_QUEUE
+    t0 = time.time()
+    # One job queued here, one request held at RunPod (its /health says so, whoever sent it).
+    note = provider.autoscale(1, now=t0, in_flight=0)
+    assert note == "endpoint llm: grow from 0 to 2 (queue 1, 1 in flight, target 0)"
+    assert emu.workers_max("llm") == 2
+    [save] = emu.saves()
+    assert save["input"]["id"] == "llm" and (save["input"]["workersMin"], save["input"]["workersMax"]) == (0, 2)
+    settings = emu.endpoint_settings("llm")
+    assert settings["idleTimeout"] == 17 and settings["workersMin"] == 0  # sent back unchanged, not reset
+    assert settings["templateId"] == "tpl-llm" and settings["gpuIds"] == "AMPERE_80"
+    status = wait(provider, handle)  # the held request now runs
+    assert status.state == "succeeded"
+    provider.release(lease, handle)
+    # Past the cooldown, ten queued jobs ask for ten workers: capped at max_workers.
+    note = provider.autoscale(10, now=t0 + 61, in_flight=0)
+    assert note and "grow from 2 to 3 (capped at max_size 3, 10 wanted)" in note
+    assert emu.workers_max("llm") == 3
+    # The endpoint without autoscale is never touched.
+    assert emu.workers_max("asr") == 1 and all(s["input"]["id"] == "llm" for s in emu.saves())
+
+
+def test_autoscale_respects_the_cooldown_unless_jobs_waited_longer(emu: RunPodEmulator) -> None:
+    emu.set_workers("llm", workers_max=0)
+    provider = scaled(emu, max_workers=8, worker_concurrency=2)
+    t0 = time.time()
+    assert provider.autoscale(2, now=t0, in_flight=0) == "endpoint llm: grow from 0 to 1 (queue 2, 0 in flight, target 0)"
+    note = provider.autoscale(6, now=t0 + 10, in_flight=0, waited_seconds=5)
+    assert note and "would grow to 3 but cooling down for 50s more" in note
+    assert emu.workers_max("llm") == 1 and len(emu.saves()) == 1
+    # Waiting time is a signal too: once the oldest job waited longer than the cooldown, grow now.
+    note = provider.autoscale(6, now=t0 + 20, in_flight=0, waited_seconds=61)
+    assert note and "grow from 1 to 3" in note and emu.workers_max("llm") == 3
+    # Nothing more wanted: steady, nothing said and nothing sent.
+    assert provider.autoscale(6, now=t0 + 21, in_flight=0) is None and len(emu.saves()) == 2
+
+
+def test_autoscale_scales_to_zero_only_after_the_endpoint_was_idle(emu: RunPodEmulator, tmp_path: Path) -> None:
+    assert emu.workers_max("llm") == 2  # the emulator's endpoint starts with its two workers allowed
+    provider = scaled(emu, state_dir=tmp_path)
+    t0 = time.time()
+    # The first look starts the idle clock; it does not guess how long the endpoint has been idle.
+    note = provider.autoscale(0, now=t0, in_flight=0)
+    assert note and "idle for 0s of 30s before shrinking" in note
+    # A request running at RunPod (sent by anyone) is work: no shrink while it runs.
+    emu.set_delay("llm", 5)
+    lease, handle = run_request(provider, job("inference", INFER))
+    assert provider.autoscale(0, now=t0 + 40, in_flight=0) is None  # busy: steady at 2
+    provider.release(lease, handle)  # cancelled: the endpoint is idle from t0 + 40
+    assert provider.autoscale(0, now=t0 + 60, in_flight=0) == \
+        "endpoint llm: idle for 20s of 30s before shrinking (queue 0, 0 in flight, target 2)"
+    assert emu.workers_max("llm") == 2 and emu.saves() == []
+    note = provider.autoscale(0, now=t0 + 71, in_flight=0)
+    assert note and "shrink from 2 to min_size 0 after 31s idle" in note
+    assert (emu.workers_max("llm"), emu.endpoint_settings("llm")["workersMin"]) == (0, 0)
+    assert provider.autoscale(0, now=t0 + 80, in_flight=0) is None  # at zero: steady
+    # The decision's memory is in the state dir: a restarted beat keeps the cooldown of that resize.
+    restarted = scaled(emu, state_dir=tmp_path)
+    note = restarted.autoscale(1, now=t0 + 90, in_flight=0)
+    assert note and "cooling down for 41s more" in note and emu.workers_max("llm") == 0
+    # With min_workers 1 the floor is one warm worker, and workersMin is kept at it.
+    warm = scaled(emu, min_workers=1, scale_cooldown_seconds=0)
+    assert warm.autoscale(0, now=t0, in_flight=0) and emu.workers_max("llm") == 1  # raised to the floor
+    assert emu.endpoint_settings("llm")["workersMin"] == 1
+
+
+def test_autoscale_only_when_the_config_asks(emu: RunPodEmulator) -> None:
+    provider = make(emu)
+    before = len(emu.requests)
+    assert provider.autoscale(50, in_flight=10, waited_seconds=600) is None
+    assert len(emu.requests) == before and emu.workers_max("llm") == 2  # not even a read
+    with pytest.raises(ValueError, match="min_workers <= max_workers"):
+        scaled(emu, min_workers=4, max_workers=2)
+
+
+def test_autoscale_errors_are_mapped(emu: RunPodEmulator) -> None:
+    emu.set_workers("llm", workers_max=0)
+    # An endpoint deleted on RunPod is permanent; the other endpoints are still scaled.
+    gone = {"endpoint_id": "gone", "price_per_second": 0.001, "autoscale": True, "max_workers": 2}
+    provider = make(emu, endpoints=[{**gone}, {"endpoint_id": "llm", "price_per_second": 0.0005, "autoscale": True,
+                                               "max_workers": 3, "scale_cooldown_seconds": 0}])
+    with pytest.raises(PermanentProviderError) as caught:
+        provider.autoscale(2, in_flight=0)
+    assert "endpoint llm: grow from 0 to 2" in str(caught.value)
+    assert "endpoint gone failed" in str(caught.value) and "does not exist" in str(caught.value)
+    assert emu.workers_max("llm") == 2
+    # RunPod down: transient (retried within the budget first), nothing changed.
+    provider = scaled(emu)
+    emu.fail(503, count=100, paths=["/graphql"])
+    with pytest.raises(TransientProviderError, match="503"):
+        provider.autoscale(5, in_flight=0)
+    emu.heal()
+    assert emu.workers_max("llm") == 2
+    # The mutation refused in the body (the endpoint vanished between our read and our write).
+    real_read = provider.scaler._read_endpoints
+    provider.scaler._read_endpoints = lambda: {"llm": {**real_read()["llm"], "id": "llm-deleted"}}  # type: ignore[method-assign]
+    with pytest.raises(TransientProviderError, match="Endpoint llm-deleted not found"):
+        provider.autoscale(9, in_flight=0)
+    assert emu.saves()[-1]["errors"] == ["Endpoint llm-deleted not found"]
+    # A wrong key is permanent and never shown.
+    secret = "rp-WRONG-autoscale-key"
+    with pytest.raises(PermanentProviderError) as refused:
+        scaled(emu, provider={"api_key": secret}).autoscale(1, in_flight=0)
+    assert "API key" in str(refused.value) and secret not in str(refused.value)
+
+
+def test_emulator_validates_save_endpoint_like_runpod(emu: RunPodEmulator) -> None:
+    def gql(query: str, key: str = KEY) -> requests.Response:
+        return requests.post(emu.graphql_url, json={"query": query}, headers={"Authorization": f"Bearer {key}"}, timeout=5)
+
+    required = 'name: "llm", gpuIds: "AMPERE_80", templateId: "tpl-llm"'
+    ok = gql(f'mutation {{ saveEndpoint(input: {{id: "llm", {required}, workersMin: 0, workersMax: 5}}) '
+             '{ id workersMax workersMin } }')
+    assert ok.status_code == 200 and ok.json() == {"data": {"saveEndpoint": {"id": "llm", "workersMin": 0, "workersMax": 5}}}
+    assert emu.workers_max("llm") == 5 and emu.endpoint_settings("llm")["idleTimeout"] == 5
+    unknown = gql(f'mutation {{ saveEndpoint(input: {{id: "nope", {required}, workersMax: 1}}) {{ id }} }}')
+    assert unknown.status_code == 200 and unknown.json()["errors"][0]["message"] == "Endpoint nope not found"
+    assert unknown.json()["data"] == {"saveEndpoint": None}
+    missing = gql('mutation { saveEndpoint(input: {id: "llm", workersMax: 1}) { id } }')
+    assert missing.status_code == 400 and "String!" in missing.json()["errors"][0]["message"]
+    inverted = gql(f'mutation {{ saveEndpoint(input: {{id: "llm", {required}, workersMin: 3, workersMax: 1}}) {{ id }} }}')
+    assert "errors" in inverted.json() and emu.workers_max("llm") == 5
+    listed = gql("query { myself { endpoints { id workersMax workersMin } } }").json()["data"]["myself"]["endpoints"]
+    assert {e["id"]: e["workersMax"] for e in listed} == {"llm": 5, "asr": 1}
+    assert gql("query { myself { endpoints { id } } }", key="wrong").status_code == 401
+
+
 # --- credentials, config, SDK side effects ---------------------------------------------------------
 
 
