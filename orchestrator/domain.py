@@ -66,17 +66,47 @@ class TranscriptionSpec(_Spec):
     model: str = "whisper-large-v3"
     language: str | None = Field(default=None, max_length=16)
     duration_seconds: float | None = Field(default=None, gt=0, description="Length of the audio, if known.")
+    formats: list[Literal["text", "srt", "vtt", "json"]] = Field(
+        default_factory=lambda: ["text"], min_length=1, max_length=4,
+        description="Outputs wanted; subtitles (srt, vtt) are rendered into the result's 'formats'.")
+
+    @model_validator(mode="after")
+    def _unique_formats(self) -> TranscriptionSpec:
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("formats: each format may be listed once")
+        return self
 
 
 class TrainingSpec(_Spec):
+    """A training run that may be preempted: it writes checkpoints where ``GPUFLEET_CHECKPOINT_URI`` says,
+    reports each (a ``GPUFLEET_CHECKPOINT {"step": N, "uri": "…"}`` line on stdout), and on a restart
+    finds the latest in ``GPUFLEET_RESUME_FROM`` / ``GPUFLEET_RESUME_STEP`` (docs/training.md)."""
+
     base_model: str = Field(min_length=1, max_length=200)
     dataset_uri: str = Field(min_length=1, max_length=2000)
     command: list[str] | str | None = None
+    script: str | None = Field(default=None, max_length=2000,
+                               description="A Python training script (path on the image); run as `python3 SCRIPT` "
+                                           "when no command is given.")
     image: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     epochs: int = Field(default=1, ge=1, le=1000)
     max_steps: int | None = Field(default=None, ge=1)
-    checkpoint_uri: str | None = None
+    checkpoint_uri: str | None = Field(default=None, max_length=2000, description=(
+        "Where checkpoints go (a prefix in object storage, or a path the run can write). Default: "
+        "jobs/<id>/checkpoints/ in the configured artifact storage."))
+    checkpoint_interval_seconds: int = Field(default=600, ge=10, le=7 * 24 * 3600)
+    max_restarts: int = Field(default=3, ge=0, le=100, description=(
+        "How many times a run lost after it started (preempted, host gone, a retryable exit) runs again."))
+    retry_exit_codes: list[int] = Field(default_factory=list, max_length=50, description=(
+        "Exit codes of the user's code that mean 'run again from the latest checkpoint'; any other "
+        "non-zero exit fails the job."))
+
+    @model_validator(mode="after")
+    def _script_is_a_command(self) -> TrainingSpec:
+        if self.command is None and self.script:
+            self.command = ["python3", self.script]
+        return self
 
 
 class DistillationSpec(_Spec):
@@ -202,6 +232,8 @@ class JobOut(BaseModel):
     use_reservation_id: uuid.UUID | None = None
     cost: float = 0.0
     duration_seconds: float | None = None
+    restarts: int = 0
+    lost_seconds: float = 0.0
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

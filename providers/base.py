@@ -143,6 +143,9 @@ class RunStatus(BaseModel):
     cost: float | None = None
     # The capacity is still booting (image pull, host start): not yet billed as active.
     provisioning: bool = False
+    # Output the run printed since the last poll, as (stream, text) — for runs whose output we read
+    # ourselves (this machine's processes); rented instances send theirs through the wrapper instead.
+    output: list[tuple[str, str]] = Field(default_factory=list)
 
 
 class ExternalResource(BaseModel):

@@ -2,12 +2,15 @@
 
 Runs entirely on this machine: SQLite, the filesystem broker, the local provider and the
 sandbox marketplace. One training job is deliberately sent to a flaky H100 offer so the
-failover to the next offer shows up in its event history.
+failover to the next offer shows up in its event history; another runs on spot capacity that is
+reclaimed mid-run, and resumes elsewhere from its latest checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -21,7 +24,16 @@ TRAIN_SCRIPT = (
 )
 
 
-def _mix(client: object) -> list[dict[str, object]]:
+def _trainer(time_scale: float) -> list[str]:
+    """The stand-in training loop that checkpoints as docs/training.md asks (providers/sandbox/trainer.py),
+    paced with the sandbox so the spot host is reclaimed about halfway through."""
+    import providers.sandbox
+
+    script = Path(providers.sandbox.__file__).parent / "trainer.py"
+    return [sys.executable, str(script), "--steps", "24", "--step-seconds", f"{0.12 * time_scale:.4f}", "--every", "3"]
+
+
+def _mix(client: object, time_scale: float) -> list[dict[str, object]]:
     body = client.job_body  # type: ignore[attr-defined]
     prompts = ["Explain spot instances in one line.", "What is a teacher model?", "Summarise: GPUs are scarce.",
                "Name a cheap GPU for inference.", "Why checkpoint training runs?"]
@@ -37,6 +49,8 @@ def _mix(client: object) -> list[dict[str, object]]:
              requirements={"gpu": ["A100"], "min_gpu_memory_gb": 40}, labels={"demo": "training"}),
         body("training", {"base_model": "llama-3-70b", "dataset_uri": "s3://demo/sft.jsonl", "max_steps": 40},
              requirements={"gpu": ["H100"]}, labels={"demo": "failover"}),
+        body("training", {"base_model": "qwen-2.5-7b", "dataset_uri": "s3://demo/sft.jsonl", "command": _trainer(time_scale)},
+             requirements={"gpu": ["A10"]}, labels={"demo": "preemption"}),
         body("distillation", {"teacher_model": "llama-3-70b", "student_model": "llama-3-8b", "prompts": prompts,
                               "tags": ["demo"]}, labels={"demo": "distillation"}),
         body("command", {"command": ["python", "-c", "import platform; print('hello from', platform.node())"]},
@@ -59,6 +73,19 @@ def _distillation_report(client: object, job: object) -> None:
         for role, text in shown.items():
             console.print(f"  {role + ':':<8} {text if len(text) < 100 else text[:97] + '...'}", highlight=False)
     console.print("  gpufleet distill export --out train.jsonl   then: gpufleet distill train my-student", highlight=False)
+
+
+def _preemption_report(client: object, job: object) -> None:
+    found = client.checkpoints(job.id)  # type: ignore[attr-defined]
+    result = job.result or {}  # type: ignore[attr-defined]
+    console.print(f"\n[bold]preemption[/] — training job {str(job.id)[:8]} on spot A10s: "  # type: ignore[attr-defined]
+                  f"{found['restarts']} restart(s), {len(found['checkpoints'])} checkpoints, "
+                  f"{found['lost_seconds']:.1f}s of work lost, finished {result.get('steps', '?')} steps "
+                  f"(the last run resumed at step {result.get('resumed_from_step', '?')})", highlight=False)
+    for event in client.get(job.id).events or []:  # type: ignore[attr-defined]
+        if "restart" in event.reason:
+            console.print(f"  {event.reason}", highlight=False)
+    console.print(f"  gpufleet logs {job.id}   gpufleet checkpoints {job.id}", highlight=False)  # type: ignore[attr-defined]
 
 
 def _money_report(client: object) -> None:
@@ -87,7 +114,7 @@ def run_demo(time_scale: float = 1.0) -> None:
     with Client.local() as client:
         # A hard cap for this tenant: every placement holds price × max duration against it first.
         client.set_budget(monthly_limit=DEMO_BUDGET)
-        batch = client.submit_batch(_mix(client))
+        batch = client.submit_batch(_mix(client, time_scale))
         console.print(f"submitted {batch.created} jobs as batch {batch.batch_id} through the HTTP API at {client.url}")
         with Progress(TextColumn("running"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
@@ -107,6 +134,9 @@ def run_demo(time_scale: float = 1.0) -> None:
             console.print(f"\n[bold]failover[/] — job {str(failover.id)[:8]} ({failover.kind}, H100):")
             for event in failover.events or []:
                 console.print(f"  {event.from_status or '-':>9} → {event.to_status:<9} {event.reason}", highlight=False)
+        preempted = next((j for j in jobs if j.labels.get("demo") == "preemption"), None)
+        if preempted is not None:
+            _preemption_report(client, preempted)
         _money_report(client)
         distill = next((j for j in jobs if j.kind == "distillation" and j.result), None)
         if distill is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +30,8 @@ from orchestrator.services import agents
 from orchestrator.services.transitions import transition
 from orchestrator.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 def request_hash(req: Any) -> str:
     body = req.model_dump(mode="json", exclude={"idempotency_key"})
@@ -47,7 +50,7 @@ def _row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime, batc
         "requirements": req.requirements.model_dump(mode="json", exclude_none=True),
         "labels": req.labels,
         "attempt": 1,
-        "max_attempts": req.max_attempts or settings.default_max_attempts,
+        "max_attempts": _max_attempts(req, settings),
         "timeout_seconds": req.timeout_seconds or settings.default_timeout_seconds,
         "idempotency_key": req.idempotency_key,
         "request_hash": request_hash(req),
@@ -60,6 +63,14 @@ def _row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime, batc
         "created_at": now,
         "updated_at": now,
     }
+
+
+def _max_attempts(req: Any, settings: Settings) -> int:
+    """A training run may be restarted ``max_restarts`` times: each restart is an attempt too."""
+    attempts = req.max_attempts or settings.default_max_attempts
+    if req.kind == "training":
+        attempts = max(attempts, req.spec.max_restarts + 1)
+    return int(attempts)
 
 
 def build_row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime) -> dict[str, Any]:
@@ -278,9 +289,20 @@ def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, actor: str
         if transition(session, job_id, expected=status, attempt=job.attempt, to=JobStatus.cancelled,
                       actor=actor, reason="cancelled by the caller"):
             session.refresh(job)
+            if job.pair_id is not None:  # its teacher/student pair learns now, not at the daily upkeep
+                event.listen(session, "after_commit", lambda _s: _record_pair(job_id), once=True)
             return job, job.run_handle is not None and job.released_at is None
         session.expire(job)  # it moved under us: look again
     raise Conflict(f"job {job_id} is changing too fast to cancel; try again")
+
+
+def _record_pair(job_id: uuid.UUID) -> None:
+    from orchestrator.distillation import pairs
+
+    try:
+        pairs.record(job_id)
+    except Exception:  # the cancel stands; the daily upkeep settles the pair
+        log.exception("recording cancelled job %s into its distillation pair failed", job_id)
 
 
 def wait_for(tenant_id: uuid.UUID, job_id: uuid.UUID, timeout: float) -> JobOut:

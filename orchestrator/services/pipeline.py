@@ -23,14 +23,14 @@ from typing import Any
 
 from sqlalchemy import update
 
-from orchestrator.clock import utcnow
+from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.engine import rows_changed, session_scope
 from orchestrator.db.models import Job
 from orchestrator.domain import JobStatus
 from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling.placement import Placement, offer_key, place
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import budgets, health, messaging, reports, reservations
+from orchestrator.services import budgets, health, messaging, reports, reservations, run_output
 from orchestrator.services.budgets import OverBudget
 from orchestrator.services.run_spec import job_spec
 from orchestrator.services.snapshots import Snapshot, snapshot
@@ -338,6 +338,8 @@ def execute(job_id: uuid.UUID, attempt: int, actor: str = "executor") -> None:
         return
     # Poll once before recording: work that is already done finishes in this one task.
     status = _observe(provider, handle, job, started=time.time())
+    if status.output:
+        _keep_output(job, status.output)
     if status.state != "running":
         _finish(job, provider, handle, status, actor)
         return
@@ -424,6 +426,8 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
         status = _reported(job) or _observe_on_reservation(job, handle, started)
     else:
         status = _reported(job) or _observe(provider, handle, job, started)
+    if status.output:
+        _keep_output(job, status.output)
     if status.state == "running" and job.reservation_id and handle.lease.price_per_hour > 0:
         why = reservations.stop_reason(job.reservation_id, poll_margin_seconds=min(delay * 2, MAX_POLL_DELAY) + 1)
         if why:
@@ -434,7 +438,7 @@ def poll(job_id: uuid.UUID, attempt: int, delay: float = FIRST_POLL_DELAY, actor
             handle.data["active"] = True
         with session_scope() as s:
             values: dict[str, Any] = {"next_check_at": _grace(settings, delay)}
-            if became_active:
+            if became_active or status.output:  # the handle holds how far the output was read
                 values["run_handle"] = handle.model_dump(mode="json")
             s.execute(
                 update(Job)
@@ -475,11 +479,33 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
             values={**done, "error": None},
         )
     else:
-        ended = _fail(job, status.error or "failed", actor, transient=status.transient, values=done)
+        transient, reason = _retryable(job, status)
+        ended = _fail(job, reason, actor, transient=transient, values=done, ran=True)
     if ended and job.pair_id is not None:
         _record_pair(job.id)
     if ended and status.state == "succeeded" and "distill_student" in (job.labels or {}):
         messaging.send(messaging.AFTER_TRAINING, [str(job.id)], "distillation")  # register + evaluate the student
+
+
+def _keep_output(job: Snapshot, output: list[tuple[str, str]]) -> None:
+    """The run's output since the last poll, with the checkpoints it announces (a failure to store
+    logs must not fail the job)."""
+    try:
+        with session_scope() as s:
+            run_output.append(s, job.id, job.attempt, output)
+    except Exception:
+        log.exception("keeping the output of job %s failed", job.id)
+
+
+def _retryable(job: Snapshot, status: RunStatus) -> tuple[bool, str]:
+    """A failure of the capacity is retried; a failure of the user's code only when its exit code is
+    one the job declared retryable (training runs resume from their latest checkpoint)."""
+    reason = status.error or "failed"
+    codes = job.spec.get("retry_exit_codes") or []
+    code = (status.result or {}).get("exit_code")
+    if not status.transient and code in codes:
+        return True, f"{reason} (exit code {code} is retryable)"
+    return status.transient, reason
 
 
 def _record_pair(job_id: uuid.UUID) -> None:
@@ -492,8 +518,10 @@ def _record_pair(job_id: uuid.UUID) -> None:
         log.exception("recording job %s into its distillation pair failed", job_id)
 
 
-def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None) -> bool:
+def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None,
+          ran: bool = False) -> bool:
     """Fail over to another offer if the failure was the capacity's and attempts remain; else fail the job.
+    ``ran``: the run had started, so running it again is a restart (counted, with the work it lost).
 
     Returns False if the job had already moved on (cancelled, or handled by a duplicate message)."""
     settings = get_settings()
@@ -502,6 +530,15 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
     if job.placement:
         excluded.append(offer_key(Offer(**job.placement["offer"])))
     retry = transient and job.attempt < job.max_attempts
+    max_restarts = job.spec.get("max_restarts") if job.kind == "training" else None
+    if retry and ran and max_restarts is not None and job.restarts >= max_restarts:
+        retry, transient = False, False
+        reason = f"{reason}; not restarted: it already ran {job.restarts + 1} times (max_restarts {max_restarts})"
+    restart_note = ""
+    if retry and ran:
+        values.update(_restart(job))
+        restart_note = f", restart {values['restarts']}" + (
+            f" from checkpoint step {values.pop('resume_step')}" if "resume_step" in values else " from the start")
     if retry:
         moved = advance(
             job.id,
@@ -509,7 +546,7 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
             attempt=job.attempt,
             to=S.queued,
             actor=actor,
-            reason=f"{reason}; retrying elsewhere (attempt {job.attempt + 1} of {job.max_attempts})",
+            reason=f"{reason}; retrying elsewhere (attempt {job.attempt + 1} of {job.max_attempts}{restart_note})",
             values={
                 **values,
                 "attempt": job.attempt + 1,
@@ -533,6 +570,21 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
     if moved and retry:
         messaging.send(messaging.DISPATCH, [str(job.id), job.attempt + 1], job.queue)
     return moved
+
+
+def _restart(job: Snapshot) -> dict[str, Any]:
+    """The restart count, the work this run lost (since its last checkpoint, or its start) added to the
+    job's total, and the step the next run resumes from."""
+    now = utcnow()
+    with session_scope() as s:
+        saved_at = as_utc(run_output.last_progress_at(s, job.id, job.attempt))
+        latest = run_output.latest_checkpoint(s, job.id)
+    since = max((t for t in (saved_at, job.started_at) if t is not None), default=now)
+    values: dict[str, Any] = {"restarts": job.restarts + 1,
+                              "lost_seconds": round(job.lost_seconds + max(0.0, (now - since).total_seconds()), 3)}
+    if latest is not None:
+        values["resume_step"] = latest.step
+    return values
 
 
 # --- release ------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from orchestrator.db.engine import session_scope
+from orchestrator.services import run_output
 from orchestrator.services.snapshots import Snapshot
 from orchestrator.settings import Settings, get_settings
 from orchestrator.storage import StorageError, configured_storage
@@ -24,11 +26,12 @@ def job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
         "GPUFLEET_ATTEMPT": str(job.attempt),
         "GPUFLEET_RESERVATION": label,
         "GPUFLEET_CALLBACK_URL": f"{base}/v1/jobs/{job.id}/report",
+        "GPUFLEET_OUTPUT_URL": f"{base}/v1/jobs/{job.id}/output",
         "GPUFLEET_JOB_TOKEN": token,
     }
     env.update(_artifact_env(settings, job))
-    if job.spec.get("checkpoint_uri"):
-        env["GPUFLEET_CHECKPOINT_URI"] = str(job.spec["checkpoint_uri"])
+    if job.kind == "training":
+        env.update(_checkpoint_env(settings, job))
     return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt,  # type: ignore[arg-type]
                    spec=_readable_inputs(settings, job), timeout_seconds=job.timeout_seconds, env=env, label=label)
 
@@ -51,6 +54,26 @@ def _readable_inputs(settings: Settings, job: Snapshot) -> dict[str, Any]:
     except StorageError as exc:  # another bucket: pass the URI on as given
         log.info("job %s inputs left as given: %s", job.id, exc)
         return job.spec
+
+
+def _checkpoint_env(settings: Settings, job: Snapshot) -> dict[str, str]:
+    """Where a training run writes checkpoints (one place for every attempt, so a restart finds them),
+    how often, and — after a lost run — the latest checkpoint to resume from."""
+    env = {"GPUFLEET_CHECKPOINT_INTERVAL": str(job.spec.get("checkpoint_interval_seconds", 600))}
+    uri = job.spec.get("checkpoint_uri")
+    if not uri:
+        try:
+            uri = configured_storage(settings).uri(f"jobs/{job.id}/checkpoints") + "/"
+        except StorageError as exc:
+            log.warning("job %s has no checkpoint storage: %s", job.id, exc)
+    if uri:
+        env["GPUFLEET_CHECKPOINT_URI"] = str(uri)
+    with session_scope() as s:
+        latest = run_output.latest_checkpoint(s, job.id)
+    if latest is not None:
+        env["GPUFLEET_RESUME_FROM"] = latest.uri
+        env["GPUFLEET_RESUME_STEP"] = str(latest.step)
+    return env
 
 
 def _artifact_env(settings: Settings, job: Snapshot) -> dict[str, str]:

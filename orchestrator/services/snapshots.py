@@ -43,6 +43,8 @@ class Snapshot:
     use_reservation_id: uuid.UUID | None
     pair_id: uuid.UUID | None
     labels: dict[str, Any]
+    restarts: int
+    lost_seconds: float
 
 
 _T = JOBS.c
@@ -70,6 +72,8 @@ _COLUMNS = (
     Job.use_reservation_id,
     Job.pair_id,
     Job.labels,
+    Job.restarts,
+    Job.lost_seconds,
 )
 
 

@@ -1,6 +1,7 @@
 """Runs on the rented instance (stdlib only, any python3).
 
-With a command: runs it, then reports its exit code and output tail to GPUFLEET_CALLBACK_URL
+With a command: runs it, sending its output as it comes to GPUFLEET_OUTPUT_URL (where checkpoint
+lines are recorded), then reports its exit code and output tail to GPUFLEET_CALLBACK_URL
 with the job-scoped token; the instance's own exit code mirrors the command's, so a provider
 that shows exit status agrees with the report.
 
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -49,22 +51,106 @@ def report(body, url, token):
     print("gpufleet: could not report the outcome", file=sys.stderr)
 
 
+class Shipper:
+    """Sends the run's output to GPUFLEET_OUTPUT_URL as it comes: every second, and at once after a
+    checkpoint line (the instance may be preempted the next moment). Best effort: the run never
+    waits on us, and output we could not send is still in the instance's own log."""
+
+    def __init__(self, url, token):
+        self.url, self.token = url, token
+        self.pending = []
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.done = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        if url:
+            self.thread.start()
+
+    def add(self, stream, line):
+        if not self.url:
+            return
+        with self.lock:
+            self.pending.append({"stream": stream, "text": line})
+        if line.startswith("GPUFLEET_CHECKPOINT "):
+            self.wake.set()
+
+    def _send(self):
+        with self.lock:
+            batch, self.pending = self.pending[:1000], self.pending[1000:]
+        if not batch:
+            return
+        chunks = []
+        for item in batch:  # consecutive lines of one stream travel as one chunk
+            if chunks and chunks[-1]["stream"] == item["stream"] and len(chunks[-1]["text"]) < 32000:
+                chunks[-1]["text"] += item["text"]
+            else:
+                chunks.append(dict(item))
+        for attempt in range(3):
+            try:
+                post(self.url, self.token, {"chunks": chunks})
+                return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 and exc.code != 429:
+                    return  # refused (the job moved on): nobody wants it
+            except OSError:
+                pass
+            time.sleep(0.5 * (attempt + 1))
+
+    def _loop(self):
+        while not self.done:
+            self.wake.wait(1.0)
+            self.wake.clear()
+            self._send()
+
+    def close(self):
+        if self.url:
+            self.done = True
+            self.wake.set()
+            self.thread.join(timeout=10)
+            while self.pending:
+                self._send()
+
+
+def _pump(source, sink, stream, shipper, tail, results):
+    for line in iter(source.readline, ""):
+        sink.write(line)
+        sink.flush()
+        shipper.add(stream, line)
+        tail.append(line)
+        while len(tail) > 200:
+            tail.pop(0)
+        if line.startswith("GPUFLEET_RESULT "):
+            results.append(line)
+    source.close()
+
+
 def run(command, env=None):
-    """Run the command; returns (exit code, the report body)."""
-    proc = subprocess.run(command, shell=isinstance(command, str), capture_output=True, text=True, env=env)
-    sys.stdout.write(proc.stdout)
-    sys.stderr.write(proc.stderr)
-    result = {"exit_code": proc.returncode, "stdout": proc.stdout[-TAIL:], "stderr": proc.stderr[-TAIL:]}
-    for line in proc.stdout.splitlines():
+    """Run the command, passing its output on as it comes; returns (exit code, the report body)."""
+    env = env if env is not None else dict(os.environ)
+    shipper = Shipper(env.get("GPUFLEET_OUTPUT_URL"), env.get("GPUFLEET_JOB_TOKEN", ""))
+    proc = subprocess.Popen(command, shell=isinstance(command, str), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors="replace", env=env)
+    tails, results = {"stdout": [], "stderr": []}, []
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, "stdout", shipper, tails["stdout"], results)),
+             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, "stderr", shipper, tails["stderr"], []))]
+    for pump in pumps:
+        pump.start()
+    code = proc.wait()
+    for pump in pumps:
+        pump.join(timeout=10)  # something the command left running in the background may hold the pipe
+    shipper.close()
+    stdout, stderr = "".join(tails["stdout"]), "".join(tails["stderr"])
+    result = {"exit_code": code, "stdout": stdout[-TAIL:], "stderr": stderr[-TAIL:]}
+    for line in results:
         if line.startswith("GPUFLEET_RESULT "):
             try:
                 result.update(json.loads(line[len("GPUFLEET_RESULT "):]))
             except ValueError:
                 pass
-    if proc.returncode == 0:
+    if code == 0:
         return 0, {"state": "succeeded", "result": result}
-    tail = (proc.stderr.strip().splitlines() or [""])[-1][:500]
-    return proc.returncode, {"state": "failed", "result": result, "error": f"exit code {proc.returncode}: {tail}"}
+    tail = (stderr.strip().splitlines() or [""])[-1][:500]
+    return code, {"state": "failed", "result": result, "error": f"exit code {code}: {tail}"}
 
 
 def agent():
@@ -95,7 +181,7 @@ def main():
     if COMMAND is None:
         agent()
         return
-    code, body = run(COMMAND)
+    code, body = run(COMMAND, dict(os.environ))
     report(body, os.environ.get("GPUFLEET_CALLBACK_URL"), os.environ.get("GPUFLEET_JOB_TOKEN", ""))
     sys.exit(code)
 

@@ -26,7 +26,10 @@ def argv_for(command: list[str] | str) -> list[str]:
     return ["sh", "-c", command] if isinstance(command, str) else list(command)
 
 
-def spawn(run_dir: Path, command: list[str] | str, env: dict[str, str], cwd: str | None = None) -> dict[str, Any]:
+def spawn(run_dir: Path, command: list[str] | str, env: dict[str, str], cwd: str | None = None,
+          kill_after: float | None = None) -> dict[str, Any]:
+    """Start the command detached. ``kill_after``: seconds after which it is killed outright, as a host
+    that is taken away (the sandbox's spot offers) would end it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     exit_file = run_dir / "exit_code"
     for stale in (exit_file, run_dir / "stdout.log", run_dir / "stderr.log"):
@@ -34,7 +37,8 @@ def spawn(run_dir: Path, command: list[str] | str, env: dict[str, str], cwd: str
     full_env = {**os.environ, **env, "GPUFLEET_EXIT_FILE": str(exit_file)}
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
         proc = subprocess.Popen(
-            ["sh", "-c", _WRAPPER, "gpufleet-run", *argv_for(command)],
+            ["sh", "-c", _WRAPPER, "gpufleet-run",
+             *(["timeout", "-s", "KILL", f"{kill_after:.3f}"] if kill_after else []), *argv_for(command)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
@@ -49,6 +53,14 @@ def exit_code(info: dict[str, Any]) -> int | None:
     try:
         return int((Path(info["run_dir"]) / "exit_code").read_text())
     except (FileNotFoundError, ValueError):
+        return None
+
+
+def exited_at(info: dict[str, Any]) -> float | None:
+    """When the command finished (its exit file's time), or None while it runs."""
+    try:
+        return (Path(info["run_dir"]) / "exit_code").stat().st_mtime
+    except FileNotFoundError:
         return None
 
 
@@ -100,6 +112,28 @@ def tail(info: dict[str, Any], name: str) -> str:
             return fh.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
+
+
+def new_output(info: dict[str, Any], *, ended: bool = False, max_bytes: int = 256_000) -> list[tuple[str, str]]:
+    """What the process printed since the last call, as (stream, text); the read offsets live in
+    ``info`` (the run handle), so whichever worker polls next carries on where this one stopped.
+    Until the process has ``ended`` only whole lines are taken (a line being written waits)."""
+    offsets = info.setdefault("offsets", {})
+    chunks = []
+    for stream in ("stdout", "stderr"):
+        path = Path(info["run_dir"]) / f"{stream}.log"
+        start = int(offsets.get(stream, 0))
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read(max_bytes)
+        except FileNotFoundError:
+            continue
+        cut = len(data) if ended or len(data) >= max_bytes else data.rfind(b"\n") + 1
+        if cut:
+            offsets[stream] = start + cut
+            chunks.append((stream, data[:cut].decode("utf-8", "replace")))
+    return chunks
 
 
 def status(info: dict[str, Any], deadline: float) -> tuple[str, dict[str, Any] | None, str | None]:

@@ -27,17 +27,20 @@ def test_demo_runs_on_the_embedded_default_with_no_services(tmp_path: Path) -> N
     result = _gpufleet("demo", "--time-scale", "0.2", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "12 jobs: 12 succeeded" in out
+    assert "13 jobs: 13 succeeded" in out
     for queue in ("high_priority", "inference", "training", "distillation", "low_priority"):
         assert queue in out
     assert "h100-spot-us was lost mid-job; retrying elsewhere" in out and "sandbox/h100-de" in out
     assert "teacher/student pairs" in out
+    # Spot capacity reclaimed mid-run: the training resumed elsewhere from its latest checkpoint.
+    assert "1 restart(s)" in out and "a10-spot-us was reclaimed (preempted)" in out
+    assert "restart 1 from checkpoint step" in out and "finished 24 steps" in out
     assert "spend by provider: local $0.000000, sandbox $" in out and "of $25.00 this month" in out
     assert (tmp_path / "data" / "gpufleet.db").exists()
     # The jobs stay in the local database for the CLI to show afterwards.
     listed = _gpufleet("jobs", "--limit", "50", env=env)
-    # The 12 submitted, and the distillation job's 5 pairs: a teacher and a student inference job each.
-    assert listed.returncode == 0 and listed.stdout.count("succeeded") == 22
+    # The 13 submitted, and the distillation job's 5 pairs: a teacher and a student inference job each.
+    assert listed.returncode == 0 and listed.stdout.count("succeeded") == 23
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, stack) -> None:  # type: ignore[no-untyped-def]

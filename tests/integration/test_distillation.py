@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -214,3 +215,20 @@ def test_cli_exports_lists_pairs_and_models(distill: Stack, tmp_path) -> None:  
     assert models.returncode == 0 and "support-bot" in models.stdout and "production" in models.stdout
     missing = cli("models", "rollback", "no-such-model")
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and "no-such-model" in missing.stderr
+
+
+def test_cancelling_a_pairs_jobs_settles_the_pair_at_once(client, distill: Stack) -> None:
+    distill.kill_worker(signal.SIGTERM)  # nothing runs: both sides stay queued until we cancel them
+    try:
+        job = client.submit("inference", {"model": TEACHER, "prompt": "a question nobody answers"},
+                            distill={"student_model": STUDENT})
+        rows = _api(distill, "GET", "/v1/distillation/pairs", params={"status": "pending", "limit": 1000}).json()
+        pair = next(p for p in (_api(distill, "GET", f"/v1/distillation/pairs/{r['id']}").json() for r in rows)
+                    if p["teacher_job_id"] == str(job.id))
+        client.cancel(pair["student_job_id"])
+        assert _api(distill, "GET", f"/v1/distillation/pairs/{pair['id']}").json()["status"] == "pending"
+        client.cancel(job.id)
+        settled = _api(distill, "GET", f"/v1/distillation/pairs/{pair['id']}").json()
+        assert settled["status"] == "failed" and settled["accepted"] is False
+    finally:
+        distill.start_worker()

@@ -196,6 +196,39 @@ def test_preempted_instance_fails_over_to_another_offer(client, vast) -> None:
     assert_nothing_rented(vast)
 
 
+def _latest_checkpoint_of(client, job_id, attempt: int, timeout: float = 30.0) -> int:  # type: ignore[no-untyped-def]
+    """Wait until the run of ``attempt`` has reported a checkpoint (through the instance wrapper)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mine = [c["step"] for c in client.checkpoints(job_id)["checkpoints"] if c["attempt"] == attempt]
+        if mine:
+            return max(mine)
+        assert time.monotonic() < deadline, f"attempt {attempt} reported no checkpoint"
+        time.sleep(0.05)
+
+
+def test_training_preempted_twice_resumes_from_its_latest_checkpoint(client, vast, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    trainer = os.path.join(os.path.dirname(__file__), "..", "..", "providers", "sandbox", "trainer.py")
+    spec = {"base_model": "llama-3-8b", "dataset_uri": "file:///data/train.jsonl", "checkpoint_uri": str(tmp_path),
+            "command": f"python3 {os.path.abspath(trainer)} --steps 30 --step-seconds 0.15 --every 2"}
+    job = client.submit("training", spec, requirements={"gpu": ["RTX 4090", "A100"], "providers": ["vastai"]})
+    for attempt in (1, 2):
+        _latest_checkpoint_of(client, job.id, attempt)
+        instance = reservations_of(job.id)[-1].external_id
+        vast.preempt(int(instance))  # the host is lost: the run's process dies with it
+    done = client.wait(job.id, timeout=90)
+    assert done.status.value == "succeeded", done.error
+    assert (done.attempt, done.restarts, done.result["steps"]) == (3, 2, 30) and done.lost_seconds > 0
+    found = client.checkpoints(job.id)["checkpoints"]
+    last = {a: max(c["step"] for c in found if c["attempt"] == a) for a in (1, 2)}
+    # The second run started from the first's latest checkpoint, the third from the second's.
+    assert done.result["resumed_from_step"] == last[2] and done.result["steps_this_run"] == 30 - last[2]
+    text = "".join(c["text"] for c in client.logs(job.id)["chunks"])
+    assert f"resuming from step {last[1]}" in text and f"resuming from step {last[2]}" in text
+    assert len({r.offer_id for r in reservations_of(job.id)}) == 3  # each lost host's offer was avoided
+    assert_nothing_rented(vast)
+
+
 def test_budget_cut_mid_run_stops_the_job_and_destroys_the_instance(client, vast) -> None:
     job = submit(client, "sleep 60")
     wait_for_status(client, job.id, "running", timeout=30)

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, batch-submit, read, list, cancel. Logic lives in services.jobs."""
+"""/v1/jobs: submit, batch-submit, read, list, cancel, logs and checkpoints. Logic lives in services."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from orchestrator.db.engine import session_scope
 from orchestrator.domain import JOB_KINDS, BatchCreate, JobCreate, JobOut, JobPage, JobStatus
 from orchestrator.scheduling.queues import provider_queue
-from orchestrator.services import explain, jobs, messaging, reports
+from orchestrator.services import explain, jobs, messaging, reports, run_output
 
 from ..deps import SettingsDep, TenantDep, bearer_scheme
 
@@ -88,11 +88,52 @@ def report_run(job_id: uuid.UUID, body: reports.RunReport,
                credentials: Annotated[HTTPAuthorizationCredentials | None, bearer_scheme]) -> dict[str, object]:
     """Called by the job on its rented instance, with the job-scoped token from GPUFLEET_JOB_TOKEN
     (not an API key): the run's outcome, which ends the job at the next poll — sent right away."""
-    if credentials is None:
-        raise HTTPException(401, "missing job token: send 'Authorization: Bearer $GPUFLEET_JOB_TOKEN'")
     try:
-        provider, attempt = reports.accept(job_id, credentials.credentials, body)
+        provider, attempt = reports.accept(job_id, _job_token(credentials), body)
     except reports.BadToken:
         raise HTTPException(401, "invalid job token") from None
     messaging.send(messaging.POLL, [str(job_id), attempt], provider_queue(provider))
     return {"accepted": True, "attempt": attempt}
+
+
+def _job_token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None:
+        raise HTTPException(401, "missing job token: send 'Authorization: Bearer $GPUFLEET_JOB_TOKEN'")
+    return credentials.credentials
+
+
+@router.post("/{job_id}/output", status_code=202, name="report_output",
+             responses={401: {"description": "Missing or wrong job token"}, 409: {"description": "Job not running"}})
+def report_output(job_id: uuid.UUID, body: reports.RunOutput,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, bearer_scheme]) -> dict[str, object]:
+    """Called by the instance wrapper as the run prints, with the job-scoped token: its output is kept for
+    ``GET …/logs``, and the checkpoints it announces are recorded at once (a preemption may follow)."""
+    try:
+        steps = reports.accept_output(job_id, _job_token(credentials), body)
+    except reports.BadToken:
+        raise HTTPException(401, "invalid job token") from None
+    return {"accepted": len(body.chunks), "checkpoints": steps}
+
+
+@router.get("/{job_id}/logs", name="job_logs")
+def job_logs(job_id: uuid.UUID, tenant: TenantDep, after: Annotated[int, Query(ge=0)] = 0,
+             limit: Annotated[int, Query(ge=1, le=5000)] = 1000) -> dict[str, object]:
+    """The run's output in order, every attempt's; pass the last chunk id seen as ``after`` to follow."""
+    with session_scope() as s:
+        job = jobs.get_job(s, tenant, job_id)
+        status, attempt = job.status, job.attempt
+    chunks = run_output.read(job_id, after=after, limit=limit)
+    return {"job_id": str(job_id), "status": status, "attempt": attempt, "chunks": chunks,
+            "next_after": chunks[-1]["id"] if chunks else after}
+
+
+@router.get("/{job_id}/checkpoints", name="job_checkpoints")
+def job_checkpoints(job_id: uuid.UUID, tenant: TenantDep) -> dict[str, object]:
+    """Every checkpoint the job reported (step, URI, attempt, time), and its restarts and lost time."""
+    with session_scope() as s:
+        job = jobs.get_job(s, tenant, job_id)
+        restarts, lost = job.restarts, job.lost_seconds
+    found = run_output.checkpoints(job_id)
+    return {"job_id": str(job_id), "restarts": restarts, "lost_seconds": round(lost, 3),
+            "latest": found[-1].as_dict() if found else None, "checkpoints": [c.as_dict() for c in found]}
+
