@@ -8,6 +8,7 @@ up a run from its JSON alone.
 from __future__ import annotations
 
 import enum
+import uuid
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -223,3 +224,7 @@ class Provider:
 
     def health(self) -> Health:
         return Health(ok=True)
+
+    def serves_tenant(self, tenant_id: uuid.UUID) -> bool:
+        """Capacity that belongs to one tenant (a warm pool it pays for) is offered to that tenant only."""
+        return True

@@ -23,6 +23,7 @@ ADAPTERS: dict[str, str] = {
     "pool": "providers.pools:PoolProvider",
     "openai_api": "providers.llm_api:OpenAICompatibleProvider",
     "anthropic": "providers.llm_api:AnthropicProvider",
+    "warm": "providers.warm:WarmPoolProvider",
 }
 
 

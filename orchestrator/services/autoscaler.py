@@ -1,4 +1,5 @@
-"""Resizes pool providers (AWS Auto Scaling Groups, GCP Managed Instance Groups) from the work
+"""Resizes pool providers (AWS Auto Scaling Groups, GCP Managed Instance Groups, RunPod serverless
+endpoints' max workers, warm pools of rented instances) from the work
 waiting for them — how many jobs, and how long the oldest has waited — on the beat. The pools own
 the policy (providers/pools/scaling.py): clamping to their limits, cooldowns, scaling to zero when
 idle; this module only measures demand and asks each one."""
@@ -26,12 +27,14 @@ def _scalable(providers: dict[str, Provider]) -> list[Any]:
     return [p for p in providers.values() if callable(getattr(p, "autoscale", None))]
 
 
-def demand(provider: Any, waiting: list[tuple[str, dict[str, Any], datetime]], now: datetime) -> tuple[int, float]:
-    """(queued jobs this pool could serve — of a kind it runs, not pinned elsewhere — and how long the
-    oldest of them has waited, in seconds)."""
+def demand(provider: Any, waiting: list[tuple[str, dict[str, Any], datetime, Any]], now: datetime) -> tuple[int, float]:
+    """(queued jobs this pool could serve — of a kind it runs, not pinned elsewhere, and for a pool that
+    says whom it serves (a tenant's warm pool), that tenant's — and how long the oldest has waited, in s)."""
     kinds = set(getattr(provider, "kinds", None) or ())
-    mine = [created for kind, req, created in waiting
-            if (not kinds or kind in kinds) and (not req.get("providers") or provider.name in req["providers"])]
+    serves = getattr(provider, "serves", None)
+    mine = [created for kind, req, created, tenant in waiting
+            if (not kinds or kind in kinds) and (not req.get("providers") or provider.name in req["providers"])
+            and (serves is None or serves(tenant, req))]
     oldest = min(mine, default=None)
     return len(mine), (now - as_utc(oldest)).total_seconds() if oldest is not None else 0.0  # type: ignore[operator]
 
@@ -42,8 +45,8 @@ def autoscale() -> dict[str, str]:
     if not pools:
         return {}
     with session_scope() as s:
-        waiting = [(r.kind, r.requirements or {}, r.created_at) for r in s.execute(
-            select(Job.kind, Job.requirements, Job.created_at).where(Job.status == JobStatus.queued.value)
+        waiting = [(r.kind, r.requirements or {}, r.created_at, r.tenant_id) for r in s.execute(
+            select(Job.kind, Job.requirements, Job.created_at, Job.tenant_id).where(Job.status == JobStatus.queued.value)
             .limit(MAX_COUNTED))]
         # Work in flight on each pool, counted across every worker (a pool's own count is per process).
         running = dict(s.execute(select(Job.provider, func.count()).where(

@@ -106,7 +106,7 @@ def dispatch(
     failed, busy = _exclusions(job.excluded_offers)
     try:
         placement = place(
-            get_providers(), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, failed,
+            _providers_for(job.tenant_id), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, failed,
             seed=f"{job.id}:{job.attempt}", busy=busy, stats=health.stats, monitor=health.snapshot(),
         )
     except CapacityBusy as exc:
@@ -133,6 +133,12 @@ def dispatch(
         execute(job_id, attempt)
     else:
         messaging.send(messaging.EXECUTE, [str(job_id), attempt], queue)
+
+
+def _providers_for(tenant_id: uuid.UUID) -> dict[str, Provider]:
+    """The providers this tenant's jobs may use: all of them, but a tenant's own warm pool only for it."""
+    providers = get_providers()
+    return {name: p for name, p in providers.items() if p.serves_tenant(tenant_id)}
 
 
 def _bind_to_reservation(job: Snapshot, rid: uuid.UUID, actor: str) -> None:
@@ -183,7 +189,9 @@ def _observe_on_reservation(job: Snapshot, handle: RunHandle, started: float) ->
     """A job on a reservation is done when its agent reports; it fails if the reservation ends first."""
     row = reservations.get(uuid.UUID(handle.data["on_reservation"]))
     if row is None or row.state not in (reservations.PROVISIONING, reservations.ACTIVE):
-        return RunStatus(state="failed", error=f"reservation {handle.lease.label} ended before the job finished")
+        # On a warm pool's member that is the capacity's failure, not the job's: it runs again elsewhere.
+        return RunStatus(state="failed", transient=bool(handle.data.get("warm_pool")),
+                         error=f"reservation {row.label if row else handle.data['on_reservation']} ended before the job finished")
     if time.time() - started > job.timeout_seconds:
         return RunStatus(state="failed", error=f"exceeded its time limit of {job.timeout_seconds}s")
     return RunStatus(state="running")
@@ -551,6 +559,8 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
                 **values,
                 "attempt": job.attempt + 1,
                 "excluded_offers": excluded,
+                # A job placed on a warm pool's member was bound to it for that attempt only.
+                **({"use_reservation_id": None} if job.reservation_id and job.use_reservation_id else {}),
                 "result": None,
                 "next_check_at": _grace(settings),
                 "error": reason,

@@ -54,6 +54,8 @@ class ReservationCreate(BaseModel):
     interruptible: bool | None = None
     max_wait_seconds: int = Field(default=3600, ge=0, le=7 * 24 * 3600,
                                   description="How long to wait for capacity or budget before giving up.")
+    pool: str | None = Field(default=None, max_length=64, description=(
+        "The warm pool this reservation is a member of (set by the autoscaler; its jobs run there)."))
 
 
 def create(session: Session, tenant_id: uuid.UUID, body: ReservationCreate) -> Reservation:
@@ -101,7 +103,7 @@ def place_request(rid: uuid.UUID) -> None:
     if row.provider is not None:  # placed, provisioning message lost
         messaging.send(messaging.PROVISION_RESERVATION, [str(rid)], provider_queue(row.provider))
         return
-    req = ReservationCreate(**(row.request or {}))
+    req = _asked(row)
     excluded = set((row.request or {}).get("excluded", []))
     groups: list[str | None] = [None] if req.provider == "auto" else [req.provider, *req.fallback_providers]
     reasons: list[str] = []
@@ -134,8 +136,13 @@ def place_request(rid: uuid.UUID) -> None:
     _wait_or_fail(row, "; ".join(reasons) or "no provider offers this capacity", waiting)
 
 
+def _asked(row: Reservation) -> ReservationCreate:
+    """What the caller asked for; "excluded" is our own note on the request (offers that failed it)."""
+    return ReservationCreate(**{k: v for k, v in (row.request or {}).items() if k != "excluded"})
+
+
 def _wait_or_fail(row: Reservation, reason: str, can_wait: bool) -> None:
-    req = ReservationCreate(**(row.request or {}))
+    req = _asked(row)
     waited = time.time() - as_utc(row.created_at).timestamp()  # type: ignore[union-attr]
     if not can_wait or waited > req.max_wait_seconds:
         why = reason if not can_wait else f"no capacity within {req.max_wait_seconds}s: {reason}"
