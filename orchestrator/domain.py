@@ -67,7 +67,7 @@ class TranscriptionSpec(_Spec):
     language: str | None = Field(default=None, max_length=16)
     duration_seconds: float | None = Field(default=None, gt=0, description="Length of the audio, if known.")
     formats: list[Literal["text", "srt", "vtt", "json"]] = Field(
-        default_factory=lambda: ["text"], min_length=1, max_length=4,
+        default=["text"], min_length=1, max_length=4,
         description="Outputs wanted; subtitles (srt, vtt) are rendered into the result's 'formats'.")
 
     @model_validator(mode="after")

@@ -69,12 +69,31 @@ class ApiKey(Base):
 
 
 class Batch(Base):
+    """A set of jobs tracked as one. ``POST /v1/jobs/batch`` makes one in a single call (kind ``jobs``);
+    a batch run (``services/batches.py``) declares ``size`` items up front and receives them in chunks,
+    so done-ness is "``size`` jobs terminal", never a state that could disagree with the jobs."""
+
     __tablename__ = "batches"
+    # Creating a batch run again with the same key (a restarted client) finds the first one.
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     size: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str | None] = mapped_column(String(200))
+    # The job kind of every item, or "jobs" for a mixed batch submitted in one call.
+    kind: Mapped[str] = mapped_column(String(32), server_default="jobs")
+    # open → cancelled; finished-ness comes from the jobs' counts.
+    state: Mapped[str] = mapped_column(String(16), server_default="open")
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    output_uri: Mapped[str | None] = mapped_column(Text)
+    # What placement would have charged at creation (``services.batches.estimate``), shown next to actuals.
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # Job options applied to every item (priority, requirements, spec defaults) and the client's own notes.
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now_default())
 
 
 class Job(Base):

@@ -1,7 +1,7 @@
 """Any API speaking OpenAI's dialect: OpenAI, OpenRouter, Groq, Together, Gemini's OpenAI-compatible
 endpoint, a self-hosted vLLM… — only ``base_url`` and the key differ. Chat completions for inference;
-``/audio/transcriptions`` (multipart upload of the fetched audio) for transcription models priced
-``per_minute``."""
+``/audio/transcriptions`` (multipart upload of the fetched audio, ``verbose_json`` with segment
+timestamps, normalised by ``providers.transcription``) for transcription models priced ``per_minute``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from providers.base import TransientProviderError
 from providers.llm_api.audio import fetch_audio
 from providers.llm_api.base import Body, ModelAPIProvider
+from providers.transcription import language_code, transcription_result
 
 
 class OpenAICompatibleProvider(ModelAPIProvider):
@@ -49,9 +50,11 @@ class OpenAICompatibleProvider(ModelAPIProvider):
 
     def transcribe(self, model: str, spec: dict[str, Any], timeout: float) -> Body:
         filename, audio = fetch_audio(str(spec.get("audio_url") or ""), timeout, self.name)
-        form = {"model": model, "response_format": "verbose_json"}
-        if spec.get("language"):
-            form["language"] = str(spec["language"])
+        # verbose_json carries the detected language, the audio's length (what the API bills) and timed
+        # segments, which subtitles need; plain json has only the text.
+        form = {"model": model, "response_format": "verbose_json", "timestamp_granularities[]": "segment"}
+        if language := language_code(spec.get("language")):  # the API wants ISO 639-1: "en", not "english"
+            form["language"] = language
         response = self._request("POST", "/audio/transcriptions", None, timeout,
                                  files={"file": (filename, audio)}, form=form)
         try:
@@ -59,10 +62,8 @@ class OpenAICompatibleProvider(ModelAPIProvider):
             text = str(payload["text"])
         except (ValueError, TypeError, KeyError):
             raise TransientProviderError(f"{self.name}: unreadable transcription from the API") from None
-        # verbose_json carries the audio's length, which is what the API bills; else the job's own figure.
-        duration = float(payload.get("duration") or spec.get("duration_seconds") or 0.0)
-        return {"text": text, "model": model, "language": payload.get("language") or spec.get("language"),
-                "duration_seconds": duration, "usage": {"total_tokens": len(text.split())}}
+        # Without a reported duration the job's own figure, else where the last segment ends, prices the minutes.
+        return dict(transcription_result(payload, model=model, spec=spec, usage={"total_tokens": len(text.split())}))
 
 
 def _mean_logprob(choice: Body) -> Body:

@@ -21,6 +21,7 @@ from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
+from providers.transcription import WHISPER_LANGUAGES
 from tests.emulators.server import LoopbackServer
 
 Reply = tuple[int, Any, dict[str, str]]
@@ -215,18 +216,35 @@ class OpenAIEmulator(_ModelAPIEmulator):
 
     def _transcribe(self, body: dict[str, Any]) -> Reply:
         """Like Whisper's endpoint: a multipart upload; the audio is taken as 16 kHz 16-bit mono, so
-        its length is bytes / 32000 seconds, and the "words" are derived from the bytes."""
+        its length is bytes / 32000 seconds, and the "words" are derived from the bytes.
+
+        ``verbose_json`` answers as OpenAI does: ``language`` as an English name ("english"), the
+        ``duration``, and ``segments`` of up to 10 words with start/end times spread evenly over the
+        audio (left out when ``timestamp_granularities[]`` asks for words only); ``words`` when asked."""
         audio = body.get("file")
         if not isinstance(audio, bytes) or not audio:
             return 400, self.error(400, "file: an audio file upload is required"), {}
         if body.get("model") not in self.models:
             return 404, self.error(404, f"The model `{body.get('model')}` does not exist"), {}
         duration = round(len(audio) / 32000, 3)
-        words = max(1, int(duration * 2.5))
-        text = " ".join(f"word{(audio[i % len(audio)] + i) % 97}" for i in range(words))
+        words = [f"word{(audio[i % len(audio)] + i) % 97}" for i in range(max(1, int(duration * 2.5)))]
+        text = " ".join(words)
         payload: dict[str, Any] = {"text": text}
         if body.get("response_format") == "verbose_json":
-            payload.update(task="transcribe", language=body.get("language") or "english", duration=duration, segments=[])
+            hint = str(body.get("language") or "en").lower()
+            payload.update(task="transcribe", language=WHISPER_LANGUAGES.get(hint, hint), duration=duration)
+            granularities = str(body.get("timestamp_granularities[]") or "segment")
+            per_word = duration / len(words)
+            if "segment" in granularities:
+                payload["segments"] = [
+                    {"id": n, "seek": 0, "start": round(i * per_word, 3),
+                     "end": round(min(duration, (i + 10) * per_word), 3), "text": " " + " ".join(words[i:i + 10]),
+                     "tokens": [], "temperature": 0.0, "avg_logprob": -0.2, "compression_ratio": 1.3,
+                     "no_speech_prob": 0.01}
+                    for n, i in enumerate(range(0, len(words), 10))]
+            if "word" in granularities:
+                payload["words"] = [{"word": w, "start": round(i * per_word, 3), "end": round((i + 1) * per_word, 3)}
+                                    for i, w in enumerate(words)]
         return 200, payload, {}
 
     def _chat(self, body: dict[str, Any]) -> Reply:

@@ -348,6 +348,7 @@ def test_transcription_uploads_the_fetched_audio_and_charges_its_minutes(monkeyp
         assert status.cost == pytest.approx(30 / 60 * 0.006)
         sent = emu.requests("/v1/audio/transcriptions")[-1]["body"]
         assert sent["model"] == "whisper-1" and sent["language"] == "en" and len(sent["file"]) == 960_000
+        assert sent["response_format"] == "verbose_json" and sent["timestamp_granularities[]"] == "segment"
 
         missing = JobSpec(job_id="j2", kind="transcription", attempt=1, timeout_seconds=60,
                           spec={**spec, "audio_url": f"{emu.url}/media/nothing.wav?X-Amz-Signature=secret-sig"})
@@ -358,6 +359,64 @@ def test_transcription_uploads_the_fetched_audio_and_charges_its_minutes(monkeyp
             bucket = JobSpec(job_id="j3", kind="transcription", attempt=1, timeout_seconds=60,
                              spec={**spec, "audio_url": "s3://bucket/talk.wav"})
             provider.start(provider.reserve(offers[0], bucket), bucket)
+
+
+def test_transcription_result_has_the_uniform_shape_with_segments_and_subtitles(monkeypatch: pytest.MonkeyPatch) -> None:
+    with OpenAIEmulator(api_key="sk-test-segments-0000", models=["whisper-1"]) as emu:
+        monkeypatch.setenv("GPUFLEET_TEST_WHISPER_KEY", "sk-test-segments-0000")
+        provider = OpenAICompatibleProvider("oai", {
+            "base_url": f"{emu.url}/v1", "api_key_env": "GPUFLEET_TEST_WHISPER_KEY", "kinds": ["transcription"],
+            "models": {"whisper-1": {"per_minute": 0.006, "upstream": "whisper-1"}}})
+        url = emu.serve_file("talk.wav", b"\x07" * 320_000)  # 10 s: 25 words, 3 segments
+        spec = {"audio_url": url, "model": "whisper-1", "language": "fr", "formats": ["text", "srt", "vtt"]}
+        job = JobSpec(job_id="j", kind="transcription", attempt=1, spec=spec, timeout_seconds=60)
+        [offer] = provider.offers(Requirements(), "transcription", spec)
+        status = provider.poll(provider.start(provider.reserve(offer, job), job))
+        result = status.result
+        assert result is not None and set(result) == {"text", "language", "duration_seconds", "segments", "model",
+                                                      "usage", "formats"}
+        assert result["language"] == "fr"  # the API said "french"
+        assert result["model"] == "whisper-1" and result["duration_seconds"] == 10.0
+        assert [(s["start"], s["end"]) for s in result["segments"]] == [(0.0, 4.0), (4.0, 8.0), (8.0, 10.0)]
+        assert " ".join(s["text"] for s in result["segments"]) == result["text"]
+        assert result["formats"]["srt"].splitlines()[:2] == ["1", "00:00:00,000 --> 00:00:04,000"]
+        assert result["formats"]["vtt"].splitlines()[:3] == ["WEBVTT", "", "00:00:00.000 --> 00:00:04.000"]
+        assert status.cost == pytest.approx(10 / 60 * 0.006)
+
+
+def test_transcription_from_an_api_without_verbose_json_still_has_the_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some OpenAI-compatible servers answer only {"text"}: the job's own duration prices it and subtitles
+    become one cue over the whole audio."""
+    with OpenAIEmulator(api_key="sk-test-plain-0000", models=["whisper-1"]) as emu:
+        monkeypatch.setenv("GPUFLEET_TEST_WHISPER_KEY", "sk-test-plain-0000")
+        original = emu._transcribe
+        monkeypatch.setattr(emu, "_transcribe", lambda body: original({**body, "response_format": "json"}))
+        provider = OpenAICompatibleProvider("oai", {
+            "base_url": f"{emu.url}/v1", "api_key_env": "GPUFLEET_TEST_WHISPER_KEY", "kinds": ["transcription"],
+            "models": {"whisper-1": {"per_minute": 0.006}}})
+        spec = {"audio_url": emu.serve_file("a.wav", b"\x01" * 64_000), "duration_seconds": 90, "formats": ["srt"]}
+        job = JobSpec(job_id="j", kind="transcription", attempt=1, spec=spec, timeout_seconds=60)
+        [offer] = provider.offers(Requirements(), "transcription", spec)
+        status = provider.poll(provider.start(provider.reserve(offer, job), job))
+        assert status.result is not None
+        assert status.result["segments"] == [] and status.result["language"] is None
+        assert status.result["duration_seconds"] == 90 and status.cost == pytest.approx(90 / 60 * 0.006)
+        assert status.result["formats"]["srt"].splitlines()[:2] == ["1", "00:00:00,000 --> 00:01:30,000"]
+
+
+def test_an_empty_local_audio_file_is_refused_before_any_upload(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with OpenAIEmulator(api_key="sk-test-empty-0000", models=["whisper-1"]) as emu:
+        monkeypatch.setenv("GPUFLEET_TEST_WHISPER_KEY", "sk-test-empty-0000")
+        provider = OpenAICompatibleProvider("oai", {
+            "base_url": f"{emu.url}/v1", "api_key_env": "GPUFLEET_TEST_WHISPER_KEY", "kinds": ["transcription"],
+            "models": {"whisper-1": {"per_minute": 0.006}}})
+        empty = tmp_path / "empty.wav"
+        empty.write_bytes(b"")
+        job = JobSpec(job_id="j", kind="transcription", attempt=1, spec={"audio_url": str(empty)}, timeout_seconds=60)
+        [offer] = provider.offers(Requirements(), "transcription", job.spec)
+        with pytest.raises(PermanentProviderError, match="is empty"):
+            provider.start(provider.reserve(offer, job), job)
+        assert emu.requests("/v1/audio/transcriptions") == []
 
 
 def test_log_probabilities_are_asked_for_and_averaged(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from providers.base import (
     Requirements,
     RunHandle,
     RunStatus,
+    TransientProviderError,
 )
 from providers.local import LocalProvider
 from tests.emulators.openai_compat import OpenAICompatServer
@@ -262,3 +263,148 @@ def test_prompt_becomes_a_user_message_and_a_restored_handle_does_not_call_again
 def test_training_runs_locally_only_with_a_command(local: LocalProvider) -> None:
     assert "training" not in local.offers(Requirements(), "training", {"base_model": "m"})[0].kinds
     assert "training" in local.offers(Requirements(), "training", {"command": ["x"]})[0].kinds
+
+
+# --- transcription with a local engine (faster-whisper; a fake of its API stands in) ----------------
+
+FAKE_ENGINES = Path(__file__).resolve().parent / "fake_engines"
+
+
+@pytest.fixture
+def fake_whisper(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The fake ``faster_whisper`` importable for one test, with fresh call records and no cached models."""
+    from providers.local import transcribe
+
+    monkeypatch.syspath_prepend(str(FAKE_ENGINES))
+    monkeypatch.delitem(sys.modules, "faster_whisper", raising=False)
+    monkeypatch.setattr(transcribe, "_models", {})
+    import faster_whisper
+
+    assert faster_whisper.__version__ == "0.0-fake"
+    faster_whisper.LOADED.clear()
+    faster_whisper.CALLS.clear()
+    yield faster_whisper
+    sys.modules.pop("faster_whisper", None)
+
+
+@pytest.fixture
+def no_whisper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faster-whisper not importable, whatever this machine has installed."""
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)
+
+
+def _wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\x00\x00" * int(seconds * rate))
+    return path
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "faster-whisper-small"
+    path.mkdir()
+    return path
+
+
+def transcriber(tmp_path: Path, model_dir: Path, **extra: Any) -> LocalProvider:
+    return LocalProvider("local", {"runs_dir": str(tmp_path / "runs"), "transcription_model": str(model_dir),
+                                   "transcription_device": "cpu", "transcription_compute_type": "int8", **extra})
+
+
+def test_transcription_is_not_offered_without_a_configured_model(local: LocalProvider, fake_whisper: Any) -> None:
+    [offer] = local.offers(Requirements(), "transcription", {"audio_url": "/a.wav"})
+    assert "transcription" not in offer.kinds  # the engine is importable, but no model is configured
+
+
+def test_transcription_is_not_offered_without_the_engine(tmp_path: Path, model_dir: Path, no_whisper: None) -> None:
+    provider = transcriber(tmp_path, model_dir)
+    [offer] = provider.offers(Requirements(), "transcription", {"audio_url": "/a.wav"})
+    assert "transcription" not in offer.kinds
+    spec = job({"audio_url": str(_wav(tmp_path / "a.wav", 1))}, kind="transcription")
+    lease = provider.reserve(offer, spec)
+    with pytest.raises(TransientProviderError, match="faster-whisper"):  # placed by a stale offer: go elsewhere
+        provider.start(lease, spec)
+
+
+def test_transcription_runs_on_the_local_engine_in_start(tmp_path: Path, model_dir: Path, fake_whisper: Any) -> None:
+    provider = transcriber(tmp_path, model_dir)
+    [offer] = provider.offers(Requirements(), "transcription", {})
+    assert "transcription" in offer.kinds and offer.price_per_hour == 0.0
+    audio = _wav(tmp_path / "call.wav", 5.0)
+    spec = job({"audio_url": str(audio), "language": "fr", "formats": ["text", "srt", "vtt"]}, kind="transcription")
+    handle = provider.start(provider.reserve(offer, spec), spec)
+    restored = RunHandle(**json.loads(json.dumps(handle.model_dump(mode="json"))))  # any worker can poll it
+    status = LocalProvider("local", {"runs_dir": str(tmp_path / "runs")}).poll(restored)
+    assert status.state == "succeeded" and status.cost == 0.0 and status.result is not None
+    result = status.result
+    assert result["model"] == "faster-whisper-small" and result["language"] == "fr" and result["duration_seconds"] == 5.0
+    assert result["segments"] == [{"start": 0.0, "end": 2.0, "text": "fr words 0"},
+                                  {"start": 2.0, "end": 4.0, "text": "fr words 1"},
+                                  {"start": 4.0, "end": 5.0, "text": "fr words 2"}]
+    assert result["text"] == "fr words 0 fr words 1 fr words 2" and result["usage"] == {}
+    assert result["formats"]["srt"].splitlines()[:3] == ["1", "00:00:00,000 --> 00:00:02,000", "fr words 0"]
+    assert result["formats"]["vtt"].splitlines()[:3] == ["WEBVTT", "", "00:00:00.000 --> 00:00:02.000"]
+    assert fake_whisper.CALLS == [{"audio": str(audio), "language": "fr", "task": "transcribe"}]
+    # Loaded from the given path only (never a hub download), with the configured device and precision.
+    assert fake_whisper.LOADED == [{"path": str(model_dir), "device": "cpu", "compute_type": "int8",
+                                    "local_files_only": True}]
+
+
+def test_detected_language_and_a_loaded_model_is_reused(tmp_path: Path, model_dir: Path, fake_whisper: Any) -> None:
+    provider = transcriber(tmp_path, model_dir)
+    audio = _wav(tmp_path / "a.wav", 1.5)
+    for n, url in enumerate((str(audio), audio.as_uri())):
+        spec = job({"audio_url": url}, kind="transcription", job_id=f"j{n}")
+        _, handle = start(provider, spec)
+        assert handle.data["response"]["language"] == "en"  # no hint: what the engine detected
+    assert [c["language"] for c in fake_whisper.CALLS] == [None, None]
+    assert len(fake_whisper.LOADED) == 1
+
+
+def test_http_audio_is_downloaded_first(tmp_path: Path, model_dir: Path, fake_whisper: Any) -> None:
+    from tests.emulators.llm_apis import OpenAIEmulator
+
+    provider = transcriber(tmp_path, model_dir)
+    wav = _wav(tmp_path / "remote.wav", 3.0).read_bytes()
+    with OpenAIEmulator(api_key="unused", models=[]) as emu:
+        url = emu.serve_file("remote.wav", wav)
+        _, handle = start(provider, job({"audio_url": url + "?X-Amz-Signature=sig"}, kind="transcription"))
+        assert handle.data["response"]["duration_seconds"] == 3.0
+        [call] = fake_whisper.CALLS
+        assert call["audio"].endswith(".wav") and not Path(call["audio"]).exists()  # the temporary copy is gone
+        missing = job({"audio_url": f"{emu.url}/media/gone.wav?X-Amz-Signature=sig"}, kind="transcription", job_id="m")
+        with pytest.raises(PermanentProviderError, match="404") as refused:
+            start(provider, missing)
+        assert "sig" not in str(refused.value)
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "undecodable", "s3"])
+def test_bad_audio_fails_permanently(tmp_path: Path, model_dir: Path, fake_whisper: Any, problem: str) -> None:
+    provider = transcriber(tmp_path, model_dir)
+    target = tmp_path / "item.mp3"
+    if problem == "empty":
+        target.write_bytes(b"")
+    elif problem == "undecodable":
+        target.write_bytes(b"garbage, not audio")
+    url = "s3://bucket/item.mp3" if problem == "s3" else str(target)
+    expected = {"missing": "does not exist", "empty": "is empty", "undecodable": "could not transcribe item.mp3",
+                "s3": "cannot read s3://"}[problem]
+    with pytest.raises(PermanentProviderError, match=expected):
+        start(provider, job({"audio_url": url}, kind="transcription"))
+
+
+def test_a_model_that_cannot_be_loaded_sends_the_job_elsewhere(tmp_path: Path, fake_whisper: Any) -> None:
+    audio = str(_wav(tmp_path / "a.wav", 1))
+    gone = transcriber(tmp_path, tmp_path / "no-such-model")
+    with pytest.raises(TransientProviderError, match="does not exist on this machine"):
+        start(gone, job({"audio_url": audio}, kind="transcription"))
+    not_a_model = tmp_path / "model.txt"
+    not_a_model.write_text("not a model")
+    broken = transcriber(tmp_path, not_a_model)
+    with pytest.raises(TransientProviderError, match="could not load the model .*model.bin"):
+        start(broken, job({"audio_url": audio}, kind="transcription"))

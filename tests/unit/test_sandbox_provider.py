@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import json
 import time
+import wave
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from providers.base import JobSpec, Lease, NoCapacity, Requirements, RunHandle, RunStatus
+from providers.base import (
+    JobSpec,
+    Lease,
+    NoCapacity,
+    PermanentProviderError,
+    Requirements,
+    RunHandle,
+    RunStatus,
+    TransientProviderError,
+)
 from providers.sandbox import SandboxProvider
 
 GPU = {"offer_id": "gpu-1", "gpu": "A100", "gpu_memory_gb": 80, "region": "us-east", "price_per_hour": 1.5,
@@ -137,8 +147,76 @@ def test_transcription_result(tmp_path: Path) -> None:
     _, _, b = run(provider, job("transcription", spec, job_id="b"))
     assert a.state == "succeeded" and a.result == b.result
     assert a.result is not None
+    assert set(a.result) == {"text", "language", "duration_seconds", "segments", "model", "usage"}
     assert a.result["model"] == "whisper-large-v3" and a.result["duration_seconds"] == 4
+    assert a.result["language"] == "en"  # no hint: English
     assert len(a.result["text"].split()) == 10 and a.result["text"].endswith(".")
+    assert " ".join(s["text"] for s in a.result["segments"]) == a.result["text"]
+
+
+def test_transcription_segments_cover_the_audio_in_order(tmp_path: Path) -> None:
+    provider = make(tmp_path)
+    _, _, status = run(provider, job("transcription", {"audio_url": "https://x/talk.mp3", "duration_seconds": 95.5,
+                                                       "language": "de"}))
+    assert status.result is not None and status.result["language"] == "de"  # the hint is honoured
+    segments = status.result["segments"]
+    assert segments[0]["start"] == 0 and segments[-1]["end"] == 95.5
+    assert all(earlier["end"] == later["start"] for earlier, later in zip(segments, segments[1:], strict=False))
+    assert all(1.0 <= s["end"] - s["start"] <= 6.5 and s["text"] for s in segments)  # a few seconds each
+
+
+def test_transcription_renders_the_subtitles_asked_for(tmp_path: Path) -> None:
+    provider = make(tmp_path)
+    spec = {"audio_url": "s3://bucket/a.wav", "duration_seconds": 12, "formats": ["srt", "vtt", "json"]}
+    _, _, status = run(provider, job("transcription", spec))
+    assert status.result is not None and set(status.result["formats"]) == {"srt", "vtt"}
+    srt = status.result["formats"]["srt"]
+    assert srt.startswith("1\n00:00:00,000 --> ") and status.result["formats"]["vtt"].startswith("WEBVTT\n\n00:00:00.000 --> ")
+    _, _, plain = run(provider, job("transcription", {**spec, "formats": ["text"]}, job_id="plain"))
+    assert plain.result is not None and "formats" not in plain.result
+
+
+def _wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\x00\x00" * int(seconds * rate))
+    return path
+
+
+def test_local_wav_length_is_read_from_the_file(tmp_path: Path) -> None:
+    provider = make(tmp_path)
+    audio = _wav(tmp_path / "call.wav", 7.5)
+    for url in (str(audio), audio.as_uri()):
+        _, _, status = run(provider, job("transcription", {"audio_url": url}, job_id=url[-12:]))
+        assert status.state == "succeeded" and status.result is not None
+        assert status.result["duration_seconds"] == 7.5 and status.result["segments"][-1]["end"] == 7.5
+    _, _, declared = run(provider, job("transcription", {"audio_url": str(audio), "duration_seconds": 3}, job_id="d"))
+    assert declared.result is not None and declared.result["duration_seconds"] == 3  # the job's own figure wins
+
+
+@pytest.mark.parametrize("problem", ["missing", "missing-file-url", "empty", "not-a-wav", "no-frames"])
+def test_bad_local_audio_fails_permanently_at_start(tmp_path: Path, problem: str) -> None:
+    provider = make(tmp_path)
+    target = tmp_path / "item.wav"
+    if problem == "empty":
+        target.write_bytes(b"")
+    elif problem == "not-a-wav":
+        target.write_bytes(b"ID3 an mp3 named .wav")
+    elif problem == "no-frames":
+        _wav(target, 0)
+    url = target.as_uri() if problem == "missing-file-url" else str(target)
+    spec = job("transcription", {"audio_url": url})
+    lease = provider.reserve(offer(provider, "gpu-1", "transcription"), spec)
+    with pytest.raises(PermanentProviderError, match=f"sandbox: .*{target.name}") as failed:
+        provider.start(lease, spec)
+    assert not isinstance(failed.value, TransientProviderError)  # retrying elsewhere cannot fix the input
+    expected = {"missing": "does not exist", "missing-file-url": "does not exist", "empty": "is empty",
+                "not-a-wav": "not a readable WAV", "no-frames": "holds no audio"}[problem]
+    assert expected in str(failed.value)
+    provider.release(lease)
+    assert provider.ledger.in_use().get("gpu-1", {}) == {}
 
 
 def test_training_without_command_is_emulated(tmp_path: Path) -> None:
