@@ -48,7 +48,16 @@ class LocalProvider(Provider):
             kinds.append("training")
         if self.openai_base_url:
             kinds.append("inference")
+        if self._transcribes():
+            kinds.append("transcription")
         return kinds
+
+    def _transcribes(self) -> bool:
+        """Transcription needs a model the operator provides (``transcription_model``: a local path; nothing
+        is downloaded) and faster-whisper installed; without either, the job goes to a provider that can."""
+        from providers.local import transcribe  # imported here: only machines that transcribe need it
+
+        return bool(self.config.get("transcription_model")) and transcribe.available()
 
     def offers(self, req: Requirements, kind: str, spec: dict[str, Any]) -> list[Offer]:
         return [
@@ -80,6 +89,8 @@ class LocalProvider(Provider):
         data: dict[str, Any] = {"deadline": now + job.timeout_seconds}
         if job.kind == "inference":
             data["response"] = self._chat(job.spec)
+        elif job.kind == "transcription":
+            data["response"] = self._transcribe(job.spec)
         else:
             command = job.spec.get("command")
             if not command:
@@ -101,6 +112,25 @@ class LocalProvider(Provider):
 
     def health(self) -> Health:
         return Health(ok=True, detail=f"{self.slots} slots")
+
+    def _transcribe(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Run the local engine synchronously, like ``_chat``: the handle then holds the answer, so any
+        worker can poll it. Config: ``transcription_model`` (path), ``transcription_device`` (``auto``,
+        ``cpu``, ``cuda``), ``transcription_compute_type`` (``default``, ``int8``, ``float16``…)."""
+        from providers.local import transcribe
+        from providers.transcription import transcription_result
+
+        if not self._transcribes():  # the config or the install changed since this offer was made
+            raise TransientProviderError("local transcription needs 'transcription_model' and faster-whisper installed")
+        audio_url = spec.get("audio_url")
+        if not audio_url:
+            raise PermanentProviderError("transcription jobs need an 'audio_url'")
+        raw = transcribe.transcribe(
+            str(audio_url), spec.get("language"), str(self.config["transcription_model"]),
+            str(self.config.get("transcription_device", "auto")),
+            compute_type=str(self.config.get("transcription_compute_type", "default")),
+            timeout=float(self.config.get("timeout", 120)))
+        return dict(transcription_result(raw, model=raw["model"], spec=spec))
 
     def _chat(self, spec: dict[str, Any]) -> dict[str, Any]:
         messages = spec.get("messages") or [{"role": "user", "content": spec.get("prompt", "")}]

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
+from providers import transcription
 from providers.base import (
     ExternalResource,
     Health,
@@ -96,7 +97,13 @@ class SandboxProvider(Provider):
         rng.random()  # the draw reserve() used
         now = time.time()
         boot = offer.boot_seconds * self.speed
-        data: dict[str, Any] = {"kind": job.kind, "spec": job.spec, "deadline": now + job.timeout_seconds}
+        spec = job.spec
+        if job.kind == "transcription":
+            # Open the audio now, as a real engine would: a missing or empty file fails the job at once
+            # and for good, and a WAV file's own length paces the emulated work.
+            duration = models.audio_seconds(str(spec.get("audio_url") or ""), _positive(spec.get("duration_seconds")))
+            spec = {**spec, "duration_seconds": duration}
+        data: dict[str, Any] = {"kind": job.kind, "spec": spec, "deadline": now + job.timeout_seconds}
         if rng.random() < offer.crash_rate:
             data["crash_at"] = now + boot + 0.1 * self.speed
         if job.kind in ("command", "training") and job.spec.get("command"):
@@ -105,7 +112,7 @@ class SandboxProvider(Provider):
                    "GPUFLEET_GPU": offer.gpu or "", "GPUFLEET_REGION": offer.region}
             data["process"] = processes.spawn(run_dir, job.spec["command"], env, job.spec.get("workdir"))
         else:
-            data["ready_at"] = now + boot + _work_seconds(job.kind, job.spec) * self.speed
+            data["ready_at"] = now + boot + _work_seconds(job.kind, spec) * self.speed
         return RunHandle(provider=self.name, lease=lease, started_at=now, data=data)
 
     def poll(self, handle: RunHandle) -> RunStatus:
@@ -167,6 +174,15 @@ def _work_seconds(kind: str, spec: dict[str, Any]) -> float:
     return 0.05
 
 
+def _positive(value: object) -> float | None:
+    """A declared duration, if it is one (the spec may carry none, or one from an older handle)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
 def _training_steps(spec: dict[str, Any]) -> int:
     return int(spec.get("max_steps") or 20 * int(spec.get("epochs", 1)))
 
@@ -180,8 +196,10 @@ def _emulate(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
             return {"text": text, "model": spec["model"], "usage": {**used, "total_tokens": sum(used.values())}}
         return models.complete(spec["model"], models.prompt_text(spec), int(spec.get("max_tokens", 256)))
     if kind == "transcription":
-        return models.transcribe(spec.get("model", "whisper-large-v3"), spec["audio_url"],
-                                 float(spec.get("duration_seconds") or 60))
+        model = str(spec.get("model") or "whisper-large-v3")
+        raw = models.transcribe(model, str(spec["audio_url"]), _positive(spec.get("duration_seconds")),
+                                spec.get("language"))
+        return dict(transcription.transcription_result(raw, model=model, spec=spec))
     if kind == "training":
         steps = _training_steps(spec)
         return {"base_model": spec["base_model"], "steps": steps, "final_loss": round(2.5 / (1 + steps / 50), 4),
