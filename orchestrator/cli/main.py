@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from orchestrator.cli import distill as distill_cli
+from orchestrator.cli.batch import batch_app
 from orchestrator.cli.render import console, err_console, job_detail, jobs_table
 from orchestrator.errors import GpufleetError
 from orchestrator.settings import get_settings
@@ -60,6 +61,7 @@ def _client() -> Any:
 
 
 distill_cli.install(app, _client)
+app.add_typer(batch_app, name="batch")
 
 
 # --- services -----------------------------------------------------------------------------
@@ -298,6 +300,35 @@ def why(job_id: str) -> None:
 
     with _client() as client:
         placement_explanation(client.placement(job_id))
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+) -> None:
+    """A job's output (every attempt's, in order); restarts are marked."""
+    with _client() as client:
+        chunks = client.follow_logs(job_id) if follow else client.logs(job_id, limit=5000)["chunks"]
+        attempt = None
+        for chunk in chunks:
+            if attempt is not None and chunk["attempt"] != attempt:
+                console.print(f"[dim]--- attempt {chunk['attempt']} ---[/dim]", highlight=False)
+            attempt = chunk["attempt"]
+            (sys.stderr if chunk["stream"] == "stderr" else sys.stdout).write(chunk["text"])
+            sys.stdout.flush()
+
+
+@app.command()
+def checkpoints(job_id: str) -> None:
+    """The checkpoints a training job reported, its restarts and the time they lost."""
+    with _client() as client:
+        found = client.checkpoints(job_id)
+    table = Table("step", "attempt", "reported", "uri")
+    for c in found["checkpoints"]:
+        table.add_row(str(c["step"]), str(c["attempt"]), c["reported_at"], c["uri"])
+    console.print(table)
+    console.print(f"restarts: {found['restarts']}, time lost to them: {found['lost_seconds']:.1f}s")
 
 
 @app.command()

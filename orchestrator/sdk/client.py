@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel
 
+from orchestrator.batch_models import AppendOut, BatchItemOut, BatchItemPage, BatchRunOut, Estimate
 from orchestrator.domain import BatchOut, JobOut, JobPage
 from orchestrator.sdk.errors import ConnectionFailed, WaitTimeout, error_for
 
@@ -128,6 +129,25 @@ class Client:
 
     def batch(self, batch_id: JobId) -> BatchOut:
         return BatchOut.model_validate(self._request("GET", f"/v1/batches/{batch_id}"))
+
+    def logs(self, job_id: JobId, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """Output chunks after chunk id ``after`` (``next_after`` continues), with the job's status."""
+        return dict(self._request("GET", f"/v1/jobs/{job_id}/logs", params={"after": after, "limit": limit}))
+
+    def follow_logs(self, job_id: JobId, poll_interval: float = 0.5, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Yield output chunks as they arrive until the job has ended and everything is read."""
+        while True:
+            page = self.logs(job_id, after=after)
+            yield from page["chunks"]
+            after = page["next_after"]
+            if not page["chunks"] and page["status"] in ("succeeded", "failed", "cancelled"):
+                return
+            if not page["chunks"]:
+                time.sleep(poll_interval)
+
+    def checkpoints(self, job_id: JobId) -> dict[str, Any]:
+        """The checkpoints a training job reported, its latest, restarts and lost time."""
+        return dict(self._request("GET", f"/v1/jobs/{job_id}/checkpoints"))
 
     def wait(self, job_id: JobId, timeout: float = 300.0, poll_interval: float = 0.1) -> JobOut:
         """Block until the job is terminal; raises WaitTimeout with the last known status."""
@@ -277,3 +297,52 @@ class Client:
         except httpx.HTTPError as exc:
             raise ConnectionFailed(f"cannot reach gpufleet at {self.url}: {type(exc).__name__}") from None
         return response.json()
+
+    # --- batch runs (orchestrator/sdk/batches.py builds items, submits, waits and gathers) --------
+
+    def create_batch(self, kind: str, size: int, *, options: dict[str, Any] | None = None, name: str | None = None,
+                     idempotency_key: str | None = None, output_uri: str | None = None,
+                     sample: Iterable[dict[str, Any]] = (), client_notes: dict[str, Any] | None = None) -> BatchRunOut:
+        """Declare a batch run of ``size`` items (an existing one with the same key is returned); ``sample``
+        items get the estimate recorded with it."""
+        body: dict[str, Any] = {"kind": kind, "size": size, "options": options or {}, "sample": list(sample),
+                                "client": client_notes or {}}
+        optional = {"name": name, "idempotency_key": idempotency_key, "output_uri": output_uri}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return BatchRunOut.model_validate(self._request("POST", "/v1/batches", json=body))
+
+    def add_batch_items(self, batch_id: JobId, items: Iterable[dict[str, Any]]) -> AppendOut:
+        """Add ``{"key", "spec"}`` items; re-sending items already added creates nothing."""
+        return AppendOut.model_validate(self._request("POST", f"/v1/batches/{batch_id}/items", json={"items": list(items)}))
+
+    def batch_progress(self, batch_id: JobId) -> BatchRunOut:
+        """Counts, throughput, ETA, cost so far and the recorded estimate."""
+        return BatchRunOut.model_validate(self._request("GET", f"/v1/batches/{batch_id}"))
+
+    def batch_items(self, batch_id: JobId, *, status: str | None = None, limit: int = 100, cursor: str | None = None,
+                    results: bool = False) -> BatchItemPage:
+        params: dict[str, Any] = {"limit": limit, "results": results}
+        params.update({k: v for k, v in (("status", status), ("cursor", cursor)) if v is not None})
+        return BatchItemPage.model_validate(self._request("GET", f"/v1/batches/{batch_id}/items", params=params))
+
+    def iter_batch_items(self, batch_id: JobId, *, status: str | None = None, results: bool = False,
+                         page_size: int = 500) -> Iterator[BatchItemOut]:
+        cursor = None
+        while True:
+            page = self.batch_items(batch_id, status=status, limit=page_size, cursor=cursor, results=results)
+            yield from page.items
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    def cancel_batch(self, batch_id: JobId) -> BatchRunOut:
+        """Cancel every item of the batch that has not ended; rented capacity is released."""
+        return BatchRunOut.model_validate(self._request("POST", f"/v1/batches/{batch_id}/cancel"))
+
+    def estimate_batch(self, kind: str, items: Iterable[dict[str, Any]], *, options: dict[str, Any] | None = None,
+                       total: int | None = None) -> Estimate:
+        """Cost and time if placed now; ``items`` may be a sample of ``total``. Nothing is created."""
+        body: dict[str, Any] = {"kind": kind, "items": list(items), "options": options or {}}
+        if total is not None:
+            body["total"] = total
+        return Estimate.model_validate(self._request("POST", "/v1/batches/estimate", json=body))

@@ -104,7 +104,8 @@ class LocalProvider(Provider):
         if "response" in handle.data:
             return RunStatus(state="succeeded", result=handle.data["response"], cost=0.0)
         state, result, error = processes.status(handle.data["process"], handle.data["deadline"])
-        return RunStatus(state=state, result=result, error=error)  # type: ignore[arg-type]
+        output = processes.new_output(handle.data["process"], ended=state != "running")
+        return RunStatus(state=state, result=result, error=error, output=output)  # type: ignore[arg-type]
 
     def release(self, lease: Lease, handle: RunHandle | None = None) -> None:
         if handle is not None and "process" in handle.data:

@@ -106,11 +106,15 @@ class SandboxProvider(Provider):
         data: dict[str, Any] = {"kind": job.kind, "spec": spec, "deadline": now + job.timeout_seconds}
         if rng.random() < offer.crash_rate:
             data["crash_at"] = now + boot + 0.1 * self.speed
+        elif offer.preempt_after_seconds:
+            data["crash_at"] = now + boot + offer.preempt_after_seconds * self.speed
+            data["crash_reason"] = f"sandbox spot host for offer {offer.offer_id} was reclaimed (preempted)"
         if job.kind in ("command", "training") and job.spec.get("command"):
             run_dir = self.runs_dir / f"{job.job_id}-{job.attempt}"
             env = {**{k: str(v) for k, v in job.spec.get("env", {}).items()}, **job.env,
                    "GPUFLEET_GPU": offer.gpu or "", "GPUFLEET_REGION": offer.region}
-            data["process"] = processes.spawn(run_dir, job.spec["command"], env, job.spec.get("workdir"))
+            kill_after = data["crash_at"] - now if "crash_reason" in data else None
+            data["process"] = processes.spawn(run_dir, job.spec["command"], env, job.spec.get("workdir"), kill_after)
         else:
             data["ready_at"] = now + boot + _work_seconds(job.kind, spec) * self.speed
         return RunHandle(provider=self.name, lease=lease, started_at=now, data=data)
@@ -118,14 +122,18 @@ class SandboxProvider(Provider):
     def poll(self, handle: RunHandle) -> RunStatus:
         now = time.time()
         data = handle.data
-        if "crash_at" in data and now >= data["crash_at"]:
+        # A run that ended before its host was taken away keeps its outcome.
+        finished_first = "process" in data and (processes.exited_at(data["process"]) or now) < data.get("crash_at", 0) - 0.05
+        if "crash_at" in data and now >= data["crash_at"] and not finished_first:
             if "process" in data:
                 processes.kill(data["process"])
-            return RunStatus(state="failed", transient=True,
-                             error=f"sandbox host for offer {handle.lease.offer_id} was lost mid-job")
+            output = processes.new_output(data["process"], ended=True) if "process" in data else []
+            return RunStatus(state="failed", transient=True, output=output, error=data.get(
+                "crash_reason", f"sandbox host for offer {handle.lease.offer_id} was lost mid-job"))
         if "process" in data:
             state, result, error = processes.status(data["process"], data["deadline"])
-            return RunStatus(state=state, result=result, error=error)  # type: ignore[arg-type]
+            output = processes.new_output(data["process"], ended=state != "running")
+            return RunStatus(state=state, result=result, error=error, output=output)  # type: ignore[arg-type]
         if now < data["ready_at"]:
             if now > data["deadline"]:
                 return RunStatus(state="failed", error="exceeded its time limit and was stopped")
