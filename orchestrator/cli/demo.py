@@ -88,6 +88,41 @@ def _preemption_report(client: object, job: object) -> None:
     console.print(f"  gpufleet logs {job.id}   gpufleet checkpoints {job.id}", highlight=False)  # type: ignore[attr-defined]
 
 
+def _write_calls(directory: Path, count: int) -> None:
+    """Short silent WAV files to transcribe (the sandbox transcriber reads their length), and one empty
+    file: a batch lists a bad item with its reason and carries on."""
+    import wave
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        with wave.open(str(directory / f"call-{i:02d}.wav"), "wb") as audio:
+            audio.setnchannels(1)
+            audio.setsampwidth(2)
+            audio.setframerate(8000)
+            audio.writeframes(b"\0\0" * 8000 * (4 + i % 5))
+    (directory / "call-broken.wav").write_bytes(b"")
+
+
+def _batch_report(client: object, data_dir: Path) -> None:
+    from orchestrator.cli.batch import print_estimate, print_failed
+    from orchestrator.sdk.batches import BatchRun, transcription_items
+
+    calls, out = data_dir / "demo" / "calls", data_dir / "demo" / "transcripts"
+    _write_calls(calls, 8)
+    console.print("\n[bold]batch transcription[/] — gpufleet batch transcribe calls/ --format srt --format vtt")
+    run = BatchRun(client, transcription_items(calls, language="en", formats=("text", "srt", "vtt")), out,
+                   priority="low", name="demo calls")
+    print_estimate(run.estimate(), "transcription")
+    summary = run.run()
+    final = summary.progress
+    print_failed(summary.failed, summary.batch_id)
+    console.print(f"  {final.succeeded} transcribed, {final.failed} failed; cost {money(final.cost)} (estimate "
+                  f"{money((final.estimate or {}).get('estimated_cost'))}); {summary.files} subtitle and text files "
+                  f"in {out}", highlight=False)
+    console.print(f"  gpufleet batch status {summary.batch_id}   (re-running the same command resumes, never redoes)",
+                  highlight=False)
+
+
 def _money_report(client: object) -> None:
     costs = client.costs()  # type: ignore[attr-defined]
     mine = next((b for b in client.budgets() if b["scope"] == "tenant"), None)  # type: ignore[attr-defined]
@@ -137,6 +172,7 @@ def run_demo(time_scale: float = 1.0) -> None:
         preempted = next((j for j in jobs if j.labels.get("demo") == "preemption"), None)
         if preempted is not None:
             _preemption_report(client, preempted)
+        _batch_report(client, get_settings().data_dir)
         _money_report(client)
         distill = next((j for j in jobs if j.kind == "distillation" and j.result), None)
         if distill is not None:

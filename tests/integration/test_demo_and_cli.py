@@ -35,12 +35,17 @@ def test_demo_runs_on_the_embedded_default_with_no_services(tmp_path: Path) -> N
     # Spot capacity reclaimed mid-run: the training resumed elsewhere from its latest checkpoint.
     assert "1 restart(s)" in out and "a10-spot-us was reclaimed (preempted)" in out
     assert "restart 1 from checkpoint step" in out and "finished 24 steps" in out
+    # A batch transcription with an estimate first, a bad file listed with its reason, subtitles written.
+    assert "estimate for 9 transcription items" in out and "8 transcribed, 1 failed" in out
+    assert "call-broken.wav" in out and "is empty" in out
+    assert len(list((tmp_path / "data" / "demo" / "transcripts").rglob("*.srt"))) == 8
     assert "spend by provider: local $0.000000, sandbox $" in out and "of $25.00 this month" in out
     assert (tmp_path / "data" / "gpufleet.db").exists()
     # The jobs stay in the local database for the CLI to show afterwards.
     listed = _gpufleet("jobs", "--limit", "50", env=env)
-    # The 13 submitted, and the distillation job's 5 pairs: a teacher and a student inference job each.
-    assert listed.returncode == 0 and listed.stdout.count("succeeded") == 23
+    # The 13 submitted, the distillation job's 5 pairs (a teacher and a student inference job each),
+    # and the 8 transcribed files of the batch.
+    assert listed.returncode == 0 and listed.stdout.count("succeeded") == 31
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, stack) -> None:  # type: ignore[no-untyped-def]
