@@ -19,7 +19,7 @@ from orchestrator.errors import CapacityBusy, NoPlacement
 from orchestrator.scheduling import residency
 from orchestrator.scheduling.breaker import HealthView, routable
 from orchestrator.scheduling.residency import Policy
-from orchestrator.scheduling.strategies import Option, Ranked, Weights, default_tier, rank
+from orchestrator.scheduling.strategies import Option, Ranked, TurnCounter, Weights, default_tier, rank
 from providers.base import Offer, PermanentProviderError, Provider, ProviderError, ProviderKind, Requirements
 from providers.gpus import any_gpu_matches
 from providers.regions import any_region_matches
@@ -156,11 +156,13 @@ def place(
     seed: str = "",
     busy: set[str] | None = None,
     monitor: Mapping[str, HealthView] | None = None,
+    turns: TurnCounter | None = None,
 ) -> Placement:
     """``stats``: measured (latency ms, error rate) per provider, for latency limits and the score;
     ``busy``: offers that were full moments ago (they count as full: the job waits rather than fails);
     ``monitor``: the health monitor's views (``services.health.snapshot()``): a fresh one is used instead
-    of asking the provider's ``health()``."""
+    of asking the provider's ``health()``; ``turns``: whose turn it is under ``round_robin`` (default: the
+    counter every worker shares, ``services.turns.shared_turns()``)."""
     policy = policy or routing_policy()
     data = residency.resolve(policy.residency, requirements.data_class)
     strategy = requirements.strategy or policy.strategy
@@ -219,8 +221,11 @@ def place(
         if down:
             raise CapacityBusy(f"nothing fits now and a provider is unavailable ({detail})")
         raise NoPlacement(f"no offer meets the job's constraints ({detail})")
+    if strategy == "round_robin" and turns is None:
+        turns = _shared_turns()
     ranked = rank(fits, strategy, weights=policy.weights, seed=seed, failover_order=requirements.failover_order,
-                  value_per_1k=requirements.max_price_per_1k_tokens, hybrid_threshold_per_1k=policy.hybrid_threshold_per_1k)
+                  value_per_1k=requirements.max_price_per_1k_tokens, hybrid_threshold_per_1k=policy.hybrid_threshold_per_1k,
+                  turns=turns)
     first = ranked[0].option
     best, cost = first.offer, first.estimated_cost
     runner_up = (f"; next best {offer_key(ranked[1].option.offer)} at ~${ranked[1].option.estimated_cost:.4f}"
@@ -238,6 +243,14 @@ def place(
                      considered=len(ranked) + len(rejected), rejected=rejected, strategy=strategy,
                      data_class=data.name, scores=[_explained(r) for r in ranked[:MAX_SCORES]],
                      candidates=[Candidate(offer=r.option.offer, estimated_cost=r.option.estimated_cost) for r in ranked])
+
+
+def _shared_turns() -> TurnCounter:
+    """The deployment-wide turn counter, looked up only for round_robin jobs: every other strategy places
+    without touching Redis. Imported here, not at the top, because the services layer builds on this one."""
+    from orchestrator.services.turns import shared_turns
+
+    return shared_turns()
 
 
 def _health(name: str, provider: Provider, monitor: Mapping[str, HealthView] | None) -> tuple[bool, str]:

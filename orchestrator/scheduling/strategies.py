@@ -11,7 +11,9 @@ Strategies:
 - ``lowest_cost``: cheapest estimated cost first (the default).
 - ``lowest_latency``: lowest measured latency first (unmeasured last), then cost.
 - ``score``: lowest weighted score first (weights configurable).
-- ``round_robin``: providers take turns (per worker process), each with its cheapest offer first.
+- ``round_robin``: providers take turns, each with its cheapest offer first. Whose turn it is comes
+  from a ``TurnCounter`` (placement passes one shared by every worker: ``services/turns.py``); without
+  one, turns are counted in this process.
 - ``weighted_random``: providers drawn in proportion to their configured ``weight``, seeded by the job.
 - ``failover``: the job's ``failover_order`` (else providers' configured ``priority``), then cost.
 - ``tiered``: primary (own clusters, fixed cost) → secondary (spot/interruptible) → tertiary
@@ -27,8 +29,8 @@ Last-resort providers come after every other option in every strategy.
 
 from __future__ import annotations
 
-import itertools
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
@@ -115,15 +117,43 @@ def score_all(options: list[Option], weights: Weights) -> list[Ranked]:
     return ranked
 
 
-_turns = itertools.count()
+# round_robin's turn: candidate set key (the providers, sorted, comma-joined) → how many turns that set
+# has had before this one (0, 1, 2, …). Keyed by the set, so jobs limited to some providers take turns
+# among those and do not shift the turns of jobs that may go anywhere.
+TurnCounter = Callable[[str], int]
+
+
+class LocalTurns:
+    """Turns counted in this process: right when one process places every job (embedded, tests), and
+    the fallback of the shared counter when Redis cannot be reached."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()  # the thread pool places concurrently
+
+    def __call__(self, key: str) -> int:
+        with self._lock:
+            turn = self._counts.get(key, 0)
+            self._counts[key] = turn + 1
+        return turn
+
+
+_local_turns = LocalTurns()
+
+
+def turn_key(providers: list[str]) -> str:
+    """The key of a candidate set: the same providers give the same key in every process."""
+    return ",".join(sorted(providers))
 
 
 def rank(options: list[Option], strategy: str, *, weights: Weights | None = None, seed: str = "",
          failover_order: list[str] | None = None, value_per_1k: float | None = None,
-         hybrid_threshold_per_1k: float = 0.001) -> list[Ranked]:
+         hybrid_threshold_per_1k: float = 0.001, turns: TurnCounter | None = None) -> list[Ranked]:
     """The options best first under ``strategy``, each with its score and score components.
 
-    ``value_per_1k``: what the request is worth per 1K tokens (the job's max $/1K), for ``hybrid``."""
+    ``value_per_1k``: what the request is worth per 1K tokens (the job's max $/1K), for ``hybrid``;
+    ``turns``: whose turn it is, for ``round_robin`` (asked only by that strategy, once per call;
+    default: counted in this process)."""
     scored = score_all(options, weights or Weights())
 
     def cost(r: Ranked) -> tuple[Any, ...]:
@@ -154,7 +184,7 @@ def rank(options: list[Option], strategy: str, *, weights: Weights | None = None
                          r.option.priority if r.option.priority is not None else 1_000_000, *cost(r))
     elif strategy == "round_robin":
         providers = sorted({r.option.offer.provider for r in scored})
-        start = next(_turns) % len(providers) if providers else 0
+        start = (turns or _local_turns)(turn_key(providers)) % len(providers) if providers else 0
         turn = {name: (i - start) % len(providers) for i, name in enumerate(providers)}
         key = lambda r: (turn[r.option.offer.provider], *cost(r))  # noqa: E731
     elif strategy == "weighted_random":

@@ -1,6 +1,7 @@
 """What each configured provider looks like right now (``gpufleet providers``, ``GET /v1/providers``):
 health and how long asking took, what it offers — capacity, GPUs, regions, cheapest prices — and what
-the health monitor has measured over time (circuit breaker, error rate, latency average and p95)."""
+the health monitor has measured over time (circuit breaker, error rate, latency average and p95 of its
+checks and of real requests, and which of the two placement uses)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,19 @@ class ProviderStatus(BaseModel):
     breaker: str | None = None
     error_rate: float | None = None
     consecutive_failures: int | None = None
+    # The checks' latency (the beat's health() calls): moving average and p95 of the last 50.
     latency_ewma_ms: float | None = None
     latency_p95_ms: float | None = None
     checked_at: datetime | None = None
+    # Real requests' latency (finished inference/transcription jobs): average, p95, samples in the window.
+    request_latency_ewma_ms: float | None = None
+    request_latency_p95_ms: float | None = None
+    request_latency_samples: int | None = None
+    request_latency_at: datetime | None = None
+    # What latency limits and the score use now: requests' p95 once there are enough recent ones, else the
+    # checks' p95 while fresh; the source says which ("requests" | "health checks"; None: unmeasured).
+    placement_latency_ms: float | None = None
+    latency_source: str | None = None
 
 
 def _models(provider: Provider) -> list[str]:
@@ -81,13 +92,22 @@ def describe(provider: Provider, view: monitor.HealthView | None = None) -> Prov
         **_measured(view))
 
 
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def _measured(view: monitor.HealthView | None) -> dict[str, Any]:
     if view is None:
         return {}
-    return {"breaker": view.breaker, "error_rate": round(view.error_rate, 4),
-            "consecutive_failures": view.consecutive_failures, "checked_at": view.checked_at,
-            "latency_ewma_ms": None if view.latency_ewma_ms is None else round(view.latency_ewma_ms, 1),
-            "latency_p95_ms": None if view.latency_p95_ms is None else round(view.latency_p95_ms, 1)}
+    measured = {"breaker": view.breaker, "error_rate": round(view.error_rate, 4),
+                "consecutive_failures": view.consecutive_failures, "checked_at": view.checked_at,
+                "latency_ewma_ms": _ms(view.latency_ewma_ms), "latency_p95_ms": _ms(view.latency_p95_ms)}
+    if isinstance(view, monitor.MonitorView):
+        measured.update(request_latency_ewma_ms=_ms(view.request_latency_ewma_ms),
+                        request_latency_p95_ms=_ms(view.request_latency_p95_ms),
+                        request_latency_samples=view.request_samples, request_latency_at=view.request_measured_at,
+                        placement_latency_ms=_ms(view.latency_ms), latency_source=view.latency_source)
+    return measured
 
 
 def status_all() -> list[ProviderStatus]:

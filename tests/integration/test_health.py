@@ -152,3 +152,32 @@ def test_outcomes_of_real_work_feed_the_same_breaker(health_stack) -> None:  # t
     assert _monitor()["ghost"].breaker == "half_open"
     health.record_outcome("ghost", True)  # the trial
     assert _monitor()["ghost"].breaker == "closed"
+
+
+def test_latency_limits_use_what_real_requests_took_not_the_checks(client) -> None:  # type: ignore[no-untyped-def]
+    """The cheap API answers its checks in milliseconds; say its real requests have been taking 2.5 s
+    (as the pipeline reports finished jobs): jobs that need an answer within a second go elsewhere."""
+    from orchestrator.services import health
+
+    _eventually(lambda: _monitor()["cheap"].fresh and _monitor()["cheap"].breaker == "closed", 20, "cheap never checked")
+    for _ in range(10):
+        health.record_outcome("cheap", True, latency_ms=2500.0)
+    health.flush_request_latencies()
+    time.sleep(2 * INTERVAL + health.CACHE_SECONDS)  # beats rewrite the row meanwhile; workers' caches expire
+    view = _monitor()["cheap"]
+    assert view.request_latency_p95_ms == 2500.0 and view.request_samples >= 10, view  # kept through the beats
+    assert view.latency_p95_ms is not None and view.latency_p95_ms < 1000 and view.fresh  # the checks': fast
+    assert (view.latency_source, view.latency_ms) == ("requests", 2500.0)
+
+    shown = _breakers(client)["cheap"]  # GET /v1/providers: both latencies, and which one placement uses
+    assert shown["request_latency_p95_ms"] == 2500.0 and shown["request_latency_ewma_ms"] > 1000
+    assert shown["latency_p95_ms"] < 1000 and shown["request_latency_samples"] >= 10
+    assert (shown["latency_source"], shown["placement_latency_ms"]) == ("requests", 2500.0)
+
+    job = client.submit("inference", {"model": "llama-3-8b", "prompt": "quick!", "max_tokens": 8},
+                        requirements={"max_latency_ms": 1000})
+    done = client.wait(job.id, timeout=30)
+    assert done.status.value == "succeeded" and done.provider == "dear", (done.provider, done.error)
+    assert done.placement["rejected"]["cheap"] == "too slow: 2500 ms measured > 1000 ms"
+    relaxed = _chat(client, "no hurry")  # without a limit the cheapest still serves
+    assert relaxed.status.value == "succeeded" and relaxed.provider == "cheap", relaxed.error

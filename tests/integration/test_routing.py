@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from .conftest import KEY_A, Stack, isolated_stack
 
@@ -107,3 +109,38 @@ def test_gpufleet_why_prints_the_ranking_and_the_rejections(client, routed: Stac
     missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "why", "not-a-job"], env=env,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def test_round_robin_takes_turns_across_worker_processes(client, routed: Stack) -> None:
+    """Two worker processes, each the only consumer of one job queue, place alternate jobs: the turns are
+    the deployment's (a Redis counter), not each process's — per process, each worker would start its
+    own rotation and the same provider would serve twice in a row."""
+    from orchestrator.services.turns import KEY_PREFIX
+    from orchestrator.settings import get_settings
+
+    routed.kill_worker(signal.SIGTERM)  # the stack's worker serves every queue: make room for two narrower ones
+    names = {"normal": "worker-default", "high": "worker-high"}
+    try:
+        for priority, name in names.items():
+            queue = "default" if priority == "normal" else "high_priority"
+            routed._spawn(name, "worker", "--queues", f"{queue},p.local,p.sandbox", "--pool", "threads",
+                          "--concurrency", "4", "--hostname", f"{name}@%h", "--loglevel", "WARNING")
+        placed = []
+        for i in range(6):  # one at a time, alternately dispatched by each process
+            priority = "normal" if i % 2 == 0 else "high"
+            job = client.submit("command", {"command": f"echo {i}"}, priority=priority,
+                                requirements={"strategy": "round_robin"})
+            done = client.wait(job.id, timeout=60)
+            assert done.status.value == "succeeded" and done.queue == ("default" if i % 2 == 0 else "high_priority")
+            assert done.placement["strategy"] == "round_robin"
+            placed.append(done.provider)
+        assert set(placed) == {"local", "sandbox"}
+        assert all(a != b for a, b in zip(placed, placed[1:], strict=False)), placed  # global turns
+        turns = redis.Redis.from_url(get_settings().broker_url).get(KEY_PREFIX + "local,sandbox")
+        assert turns is not None and int(turns) >= 6
+    finally:
+        for name in names.values():
+            if (proc := routed.procs.pop(name, None)) is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
+        routed.start_worker()

@@ -145,3 +145,140 @@ def test_placement_trusts_a_fresh_monitor_view_and_asks_the_provider_when_it_is_
     assert cheap.asked == dear.asked == 0  # fresh views: nobody was asked
     stale = go({"cheap": view(provider="cheap", breaker=OPEN, fresh=False)})
     assert stale.provider == "cheap" and cheap.asked == 1 and dear.asked == 1  # type: ignore[attr-defined]
+
+
+# --- latency: the checks' and real requests' ---------------------------------------------------------
+
+
+def test_latencies_read_the_old_list_and_the_new_object_and_keep_both_kinds() -> None:
+    from orchestrator.services.health import MIN_REQUEST_SAMPLES, REQUEST_MAX_AGE_SECONDS, Latencies
+
+    old = Latencies.load([12.0, 15.5, "junk", None, 20])  # the column before request latency was kept
+    assert old.probe == (12.0, 15.5, 20.0) and old.request == () and old.request_ewma_ms is None
+    assert Latencies.load(None) == Latencies() == Latencies.load({"request": "nonsense"})
+    now = T0
+    mixed = old.with_requests([100.0, 100.0, 400.0], now)
+    assert mixed.probe == old.probe and mixed.request == (100.0, 100.0, 400.0) and mixed.request_at == now
+    assert mixed.request_ewma_ms == pytest.approx(190.0)  # same average as the checks': 100 → 100 → 190
+    assert Latencies.load(mixed.dump()) == mixed  # JSON round trip
+    assert mixed.with_probe([3.0]).request == mixed.request  # a check replaces only the checks' samples
+    full = mixed.with_requests([float(i) for i in range(MAX_SAMPLES + 5)], now)
+    assert len(full.request) == MAX_SAMPLES and full.request[-1] == MAX_SAMPLES + 4
+    assert not mixed.requests_trusted(now)  # 3 < MIN_REQUEST_SAMPLES
+    enough = mixed.with_requests([200.0] * (MIN_REQUEST_SAMPLES - 3), now)
+    assert enough.requests_trusted(now + timedelta(seconds=REQUEST_MAX_AGE_SECONDS))
+    assert not enough.requests_trusted(now + timedelta(seconds=REQUEST_MAX_AGE_SECONDS + 1))  # aged out
+
+
+def monitor_view(**changes: object) -> object:
+    from orchestrator.services.health import MonitorView
+
+    base = {"provider": "api", "healthy": True, "breaker": CLOSED, "latency_ewma_ms": 12.0, "latency_p95_ms": 20.0,
+            "error_rate": 0.0, "consecutive_failures": 0, "detail": "", "checked_at": T0, "fresh": True,
+            "request_latency_ewma_ms": 700.0, "request_latency_p95_ms": 900.0, "request_samples": 8,
+            "request_measured_at": T0, "request_trusted": True}
+    return MonitorView(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def test_placement_latency_prefers_real_requests_then_fresh_checks() -> None:
+    trusted = monitor_view()
+    assert (trusted.latency_ms, trusted.latency_source) == (900.0, "requests")  # type: ignore[attr-defined]
+    no_beat = monitor_view(fresh=False)
+    assert no_beat.latency_ms == 900.0  # type: ignore[attr-defined]  # requests need no beat to be measured
+    few = monitor_view(request_trusted=False, request_samples=2)
+    assert (few.latency_ms, few.latency_source) == (20.0, "health checks")  # type: ignore[attr-defined]
+    nothing = monitor_view(request_trusted=False, fresh=False)
+    assert (nothing.latency_ms, nothing.latency_source) == (None, None)  # type: ignore[attr-defined]
+    assert routable(trusted) == (True, "")  # type: ignore[arg-type]  # still a HealthView for placement
+
+
+def test_request_latency_of_a_finished_job() -> None:
+    from orchestrator.services.health import request_latency_ms
+    from providers.base import Lease, RunHandle
+
+    def handle(reserved_at: float, **data: object) -> RunHandle:
+        lease = Lease(provider="api", offer_id="m", external_id="x", label="gpufleet-1", price_per_hour=0.0,
+                      reserved_at=reserved_at)
+        return RunHandle(provider="api", lease=lease, started_at=reserved_at + 0.8, data=dict(data))
+
+    # A model API answers inside start(): from reserving to the answer, not the run's ~0 s "duration".
+    assert request_latency_ms("inference", handle(1000.0), {"text": "hi"}, now=1000.85) == pytest.approx(850.0)
+    assert request_latency_ms("transcription", handle(1000.0), None, now=1002.0) == pytest.approx(2000.0)
+    # What the provider itself reports wins: it knows when the model answered.
+    assert request_latency_ms("inference", handle(1000.0), {"latency_ms": 412.5}, now=1009.0) == 412.5
+    assert request_latency_ms("training", handle(1000.0), {}, now=4600.0) is None  # a job's size, not latency
+    assert request_latency_ms("command", handle(1000.0), {}, now=1001.0) is None
+    assert request_latency_ms("inference", handle(1000.0, on_reservation="r-1"), {}, now=1001.0) is None
+    assert request_latency_ms("inference", handle(0.0), {}, now=1001.0) is None  # no reserve time known
+    assert request_latency_ms("inference", handle(1000.0), {}, now=999.0) is None  # clocks disagree
+
+
+@pytest.fixture()
+def embedded_health(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The health monitor on the embedded default: a SQLite file, no beat, no Redis."""
+    import os
+
+    from orchestrator.db.engine import reset_engines
+    from orchestrator.db.migrate import upgrade
+    from orchestrator.services import health
+    from orchestrator.settings import get_settings
+    from providers.registry import _cache as providers_cache
+
+    for name in [k for k in os.environ if k.startswith("GPUFLEET_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("GPUFLEET_DATA_DIR", str(tmp_path))
+
+    def fresh() -> None:
+        get_settings.cache_clear()
+        reset_engines()
+        providers_cache.clear()
+        health._requests.reset()
+        health._forget()
+
+    fresh()
+    upgrade(get_settings().database_url)
+    yield health
+    health.flush_request_latencies()
+    fresh()
+
+
+def test_request_latencies_and_checks_share_the_row_without_losing_each_other(embedded_health) -> None:  # type: ignore[no-untyped-def]
+    health = embedded_health
+    for ms in (800.0, 820.0, 790.0, 2000.0):
+        health.record_outcome("local", True, latency_ms=ms)
+    health.record_outcome("local", False, latency_ms=5.0, detail="start failed")  # a fast error is not fast
+    health.flush_request_latencies()
+    few = health.snapshot(max_age=0)["local"]
+    assert few.request_samples == 4 and few.request_latency_p95_ms == 2000.0 and not few.request_trusted
+    assert health.stats("local") == (None, 0.0)  # 4 samples and no checks yet: unmeasured
+
+    health.probe_all()  # the beat's check rewrites the checks' samples and keeps the requests'
+    checked = health.snapshot(max_age=0)["local"]
+    assert checked.fresh and checked.latency_p95_ms is not None and checked.latency_p95_ms < 800
+    assert checked.request_samples == 4 and checked.latency_source == "health checks"
+    assert health.stats("local")[0] == checked.latency_p95_ms
+
+    health.record_outcome("local", True, latency_ms=810.0)  # the fifth: requests now decide
+    health.flush_request_latencies()
+    measured = health.snapshot(max_age=0)["local"]
+    assert measured.request_samples == 5 and measured.latency_source == "requests"
+    assert measured.latency_p95_ms == checked.latency_p95_ms  # the checks' samples survived the write
+    assert measured.request_latency_ewma_ms is not None and 800 < measured.request_latency_ewma_ms < 2000
+    health._forget()
+    assert health.stats("local") == (2000.0, measured.error_rate)
+
+
+def test_request_latencies_are_written_once_a_second_per_process(embedded_health) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    health = embedded_health
+    health.record_outcome("sandbox", True, latency_ms=100.0)  # the first in a while: written at once
+    assert health.snapshot(max_age=0)["sandbox"].request_samples == 1
+    for ms in (110.0, 120.0, 130.0):
+        health.record_outcome("sandbox", True, latency_ms=ms)  # batched for this process's next write
+    assert health.snapshot(max_age=0)["sandbox"].request_samples == 1
+    deadline = time.monotonic() + 5
+    while health.snapshot(max_age=0)["sandbox"].request_samples < 4:  # the timer writes them as one batch
+        assert time.monotonic() < deadline, "the batch was never written"
+        time.sleep(0.05)
+    assert health.snapshot(max_age=0)["sandbox"].request_latency_p95_ms == 130.0

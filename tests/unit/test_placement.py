@@ -368,3 +368,116 @@ def test_strategy_from_policy_or_job_and_provider_tiers(providers) -> None:  # t
     assert [s["tier"] for s in tiered.scores] == ["primary", "tertiary"]
     ordered = place(registry, "inference", CHAT, Requirements(strategy="failover", failover_order=["pool", "api"]), 60)
     assert ordered.provider == "pool"
+
+
+# --- round_robin: turns shared by every worker ----------------------------------------------------
+
+class _FakeRedis:
+    """INCR/EXPIRE through a pipeline, as RedisTurns uses them; ``down`` makes every call fail."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.ttl: dict[str, int] = {}
+        self.calls = 0
+        self.down = False
+
+    def pipeline(self, transaction: bool = True) -> _FakeRedis:
+        assert transaction is False  # one round trip, no MULTI needed: INCR alone is atomic
+        self._ops: list[tuple[str, str, int]] = []
+        return self
+
+    def incr(self, name: str) -> None:
+        self._ops.append(("incr", name, 0))
+
+    def expire(self, name: str, seconds: int) -> None:
+        self._ops.append(("expire", name, seconds))
+
+    def execute(self) -> list[object]:
+        import redis
+
+        self.calls += 1
+        if self.down:
+            raise redis.ConnectionError("connection refused")
+        out: list[object] = []
+        for op, name, seconds in self._ops:
+            if op == "incr":
+                self.counts[name] = self.counts.get(name, 0) + 1
+                out.append(self.counts[name])
+            else:
+                self.ttl[name] = seconds
+                out.append(True)
+        return out
+
+
+def _round_robin_registry() -> dict[str, Provider]:
+    return {name: _api(name, price) for name, price in (("alpha", 0.0001), ("beta", 0.0005), ("gamma", 0.0009))}
+
+
+def test_round_robin_turns_are_shared_by_every_worker() -> None:
+    from orchestrator.scheduling.strategies import LocalTurns
+    from orchestrator.services.turns import KEY_PREFIX, RedisTurns
+
+    registry = _round_robin_registry()
+    rr = Requirements(strategy="round_robin")
+    redis_server = _FakeRedis()
+    # Two worker processes: each its own client and fallback, one Redis between them.
+    workers = [RedisTurns("redis://fake/7", client=redis_server), RedisTurns("redis://fake/7", client=redis_server)]
+    shared = [place(registry, "inference", CHAT, rr, 60, turns=workers[i % 2]).provider for i in range(6)]
+    assert shared == ["alpha", "beta", "gamma", "alpha", "beta", "gamma"]  # global turns, whoever placed
+    assert redis_server.counts == {KEY_PREFIX + "alpha,beta,gamma": 6} and redis_server.ttl[KEY_PREFIX + "alpha,beta,gamma"] > 0
+    # What per-process counters did: each worker starts its own rotation, so providers repeat back to back.
+    local = [LocalTurns(), LocalTurns()]
+    per_process = [place(registry, "inference", CHAT, rr, 60, turns=local[i % 2]).provider for i in range(6)]
+    assert per_process == ["alpha", "alpha", "beta", "beta", "gamma", "gamma"]
+
+
+def test_round_robin_counts_each_candidate_set_apart_and_only_round_robin_asks() -> None:
+    from orchestrator.scheduling.strategies import LocalTurns
+
+    registry = _round_robin_registry()
+    turns = LocalTurns()
+    asked: list[str] = []
+
+    def counting(key: str) -> int:
+        asked.append(key)
+        return turns(key)
+
+    only_two = Requirements(strategy="round_robin", providers=["alpha", "gamma"])
+    assert [place(registry, "inference", CHAT, only_two, 60, turns=counting).provider for _ in range(3)] == [
+        "alpha", "gamma", "alpha"]
+    assert place(registry, "inference", CHAT, Requirements(strategy="round_robin"), 60, turns=counting).provider == "alpha"
+    assert asked == ["alpha,gamma"] * 3 + ["alpha,beta,gamma"]
+    for strategy in ("lowest_cost", "score", "lowest_latency", "weighted_random"):
+        place(registry, "inference", CHAT, Requirements(strategy=strategy), 60, turns=counting)
+    assert len(asked) == 4  # no other strategy pays for a turn
+
+
+def test_round_robin_falls_back_to_this_process_while_redis_is_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.services import turns as turns_module
+    from orchestrator.services.turns import RedisTurns
+
+    redis_server = _FakeRedis()
+    counter = RedisTurns("redis://fake/7", client=redis_server)
+    assert [counter("a,b") for _ in range(2)] == [0, 1]
+    redis_server.down = True
+    assert [counter("a,b") for _ in range(3)] == [0, 1, 2]  # this process's own count
+    assert redis_server.calls == 3  # after one failure Redis is left alone for RETRY_SECONDS: placement stays fast
+    clock = turns_module.time.monotonic() + turns_module.RETRY_SECONDS + 1
+    monkeypatch.setattr(turns_module.time, "monotonic", lambda: clock)
+    redis_server.down = False
+    assert counter("a,b") == 2 and redis_server.calls == 4  # back on the shared count
+
+
+def test_shared_turns_use_the_deployments_redis_or_count_in_process_when_embedded(tmp_path: Path) -> None:
+    from orchestrator.scheduling.strategies import LocalTurns
+    from orchestrator.services.turns import RedisTurns, redis_url, shared_turns
+    from orchestrator.settings import Settings
+
+    embedded = Settings(data_dir=tmp_path, database_url="", broker_url="", result_url="")
+    assert redis_url(embedded) is None and isinstance(shared_turns(embedded), LocalTurns)
+    assert shared_turns(embedded) is shared_turns(embedded)  # one counter per process
+    production = Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", result_url="")
+    counter = shared_turns(production)
+    assert isinstance(counter, RedisTurns) and counter.url == "redis://127.0.0.1:6379/0"
+    cached = Settings(data_dir=tmp_path, broker_url="amqp://guest@rabbit//", result_url="rediss://cache:6380/2")
+    assert redis_url(cached) == "rediss://cache:6380/2"
