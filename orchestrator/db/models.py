@@ -404,8 +404,9 @@ class ProviderHealth(Base):
     error_rate: Mapped[float] = mapped_column(Float, default=0.0)
     observations: Mapped[int] = mapped_column(Integer, default=0)
     latency_ewma_ms: Mapped[float | None] = mapped_column(Float)
-    # The last (at most 50) latencies in ms, for the p95.
-    latency_samples: Mapped[list[float]] = mapped_column(JSONType, default=list)
+    # The last (at most 50) latencies in ms of health checks and of real requests, for the p95s:
+    # {"checks": [...], "requests": [...]} (a plain list, from before requests were measured, is checks).
+    latency_samples: Mapped[list[float] | dict[str, Any]] = mapped_column(JSONType, default=list)
     detail: Mapped[str] = mapped_column(String(500), default="")
     opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When the monitor last looked at it: older than health_max_age_seconds, placement asks the provider.

@@ -249,7 +249,7 @@ def _locked_row(s: Any, name: str, now: datetime) -> ProviderHealth:
 
 def _store(row: ProviderHealth, latencies: Latencies) -> None:
     """Write the JSON object form (the model still declares the column's older list form)."""
-    row.latency_samples = cast(Any, latencies.dump())
+    row.latency_samples = latencies.dump()
 
 
 def _record(name: str, ok: bool, latency_ms: float | None, detail: str, cfg: BreakerConfig, *, probe: bool) -> str:

@@ -476,7 +476,7 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
         "run_handle": handle.model_dump(mode="json"),
     }
     if status.state == "succeeded":
-        health.record_outcome(handle.provider, True)
+        health.record_outcome(handle.provider, True, latency_ms=health.request_latency_ms(job.kind, handle, status.result))
         ended = advance(
             job.id,
             expected=S.running,
