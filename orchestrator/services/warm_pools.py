@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select, update
 
-from orchestrator.clock import as_utc, utcnow
+from orchestrator.clock import as_utc
 from orchestrator.db.engine import rows_changed, session_scope
 from orchestrator.db.models import Job, Reservation, Tenant
 from orchestrator.domain import JobStatus
