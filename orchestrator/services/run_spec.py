@@ -30,10 +30,16 @@ def job_spec(job: Snapshot, label: str, token: str) -> JobSpec:
         "GPUFLEET_JOB_TOKEN": token,
     }
     env.update(_artifact_env(settings, job))
+    spec = _readable_inputs(settings, job)
     if job.kind == "training":
         env.update(_checkpoint_env(settings, job))
+        # What to train, as the run can read it (an s3:// dataset of ours arrives presigned).
+        env.update({"GPUFLEET_DATASET_URI": str(spec["dataset_uri"]), "GPUFLEET_BASE_MODEL": str(spec["base_model"])})
+        for name in ("epochs", "max_steps"):
+            if spec.get(name) is not None:
+                env[f"GPUFLEET_{name.upper()}"] = str(spec[name])
     return JobSpec(job_id=str(job.id), kind=job.kind, attempt=job.attempt,  # type: ignore[arg-type]
-                   spec=_readable_inputs(settings, job), timeout_seconds=job.timeout_seconds, env=env, label=label)
+                   spec=spec, timeout_seconds=job.timeout_seconds, env=env, label=label)
 
 
 INPUT_FIELDS = ("audio_url", "dataset_uri")

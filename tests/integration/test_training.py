@@ -116,3 +116,18 @@ def test_logs_of_another_tenants_job_are_not_found(client, trained: Stack, tmp_p
     job = _training(client, tmp_path / "ckpt", steps=3)
     with Client(trained.url, KEY_B) as other, pytest.raises(NotFoundError):
         other.logs(job.id)
+
+
+def test_the_run_is_told_what_to_train_and_where_to_checkpoint(client, tmp_path: Path) -> None:
+    show = ("import json, os; print('GPUFLEET_RESULT ' + json.dumps({k: os.environ.get('GPUFLEET_' + k) for k in "
+            "('DATASET_URI', 'BASE_MODEL', 'MAX_STEPS', 'CHECKPOINT_URI', 'CHECKPOINT_INTERVAL', 'RESUME_FROM')}))")
+    job = client.wait(client.submit("training", {
+        "base_model": "qwen-2.5-7b", "dataset_uri": "file:///data/sft.jsonl", "max_steps": 7,
+        "checkpoint_interval_seconds": 60, "command": [sys.executable, "-c", show]},
+        requirements={"gpu": ["A10"], "providers": ["sandbox"]}).id, timeout=60)
+    assert job.status.value == "succeeded", job.error
+    got = {k: job.result[k] for k in ("DATASET_URI", "BASE_MODEL", "MAX_STEPS", "CHECKPOINT_INTERVAL", "RESUME_FROM")}
+    assert got == {"DATASET_URI": "file:///data/sft.jsonl", "BASE_MODEL": "qwen-2.5-7b", "MAX_STEPS": "7",
+                   "CHECKPOINT_INTERVAL": "60", "RESUME_FROM": None}
+    # No checkpoint_uri given: the job's own place in the deployment's storage, the same for every attempt.
+    assert job.result["CHECKPOINT_URI"].endswith(f"/jobs/{job.id}/checkpoints/")
