@@ -38,7 +38,10 @@ Config keys (both adapters unless noted):
 
 Results are ``{"text", "usage": {prompt_tokens, completion_tokens, total_tokens}, "model",
 "finish_reason"}`` (finish reasons in OpenAI's vocabulary), and ``poll`` reports ``cost`` =
-prompt_tokens × input_per_1k / 1000 + completion_tokens × output_per_1k / 1000.
+prompt_tokens × input_per_1k / 1000 + completion_tokens × output_per_1k / 1000. Transcription results
+have the shape every transcription provider gives (``providers.transcription``): ``{"text", "language",
+"duration_seconds", "segments": [{start, end, text}], "model", "usage"}`` plus ``"formats"`` with the
+SRT/VTT the job's spec asks for.
 """
 
 from providers.llm_api.anthropic import AnthropicProvider

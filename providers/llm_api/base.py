@@ -107,7 +107,10 @@ class ModelAPIProvider(Provider, ABC):
         """The normalized result: {text, usage: {prompt_tokens, completion_tokens, total_tokens}, model, finish_reason}."""
 
     def transcribe(self, model: str, spec: dict[str, Any], timeout: float) -> Body:
-        """{text, model, language, duration_seconds, usage}; only APIs with a transcription endpoint."""
+        """The uniform transcription result (``providers.transcription.transcription_result``): ``{text,
+        language, duration_seconds, segments: [{start, end, text}], model, usage}`` plus ``formats`` (the
+        SRT/VTT the spec asks for), so a job's result does not depend on which provider ran it. Only APIs
+        with a transcription endpoint override this."""
         raise PermanentProviderError(f"{self.name}: this API does not transcribe audio")
 
     # --- Provider ----------------------------------------------------------------------------

@@ -8,10 +8,12 @@ dropped. Endpoints used:
 
 - ``POST /v1/chat/completions``: the OpenAI chat shape.
 - ``POST /v1/audio/transcriptions`` with a JSON body ``{"audio_url", "model", "language",
-  "duration_seconds"}``: the pool fetches the audio itself. This is NOT OpenAI's multipart file
-  upload; pools put a small shim in front of their Whisper server for it. The answer may carry
-  ``duration`` (OpenAI verbose_json) and ``usage`` either as tokens or as ``{"type": "duration",
-  "seconds": …}``.
+  "duration_seconds", "response_format": "verbose_json"}``: the pool fetches the audio itself. This is
+  NOT OpenAI's multipart file upload; pools put a small shim in front of their Whisper server for it.
+  The answer is read as OpenAI's verbose_json (``text``, ``language``, ``duration``, timed
+  ``segments``; a plain ``{"text"}`` still works, as does faster-whisper's or RunPod's worker's shape)
+  and ``usage`` either as tokens or as ``{"type": "duration", "seconds": …}``; it is returned in the
+  shape every transcription provider gives (``providers.transcription``).
 - ``GET /health``, else ``GET /v1/models`` (Ollama has no /health).
 
 With a secret, every request is signed (see ``signing``). Errors: unreachable, timeouts, 5xx and
@@ -29,6 +31,7 @@ import httpx
 
 from providers.base import Health, PermanentProviderError, TransientProviderError
 from providers.pools import signing
+from providers.transcription import language_code, transcription_result
 
 _CHAT_OPTIONS = ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
 
@@ -69,20 +72,21 @@ class PoolClient:
         return {"text": str(text), "usage": _chat_usage(payload.get("usage")), "model": str(payload.get("model") or model)}
 
     def transcribe(self, spec: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
-        """One transcription of the audio at ``audio_url``: ``{"text", "model", "duration_seconds", "usage"}``."""
+        """One transcription of the audio at ``audio_url``, as every provider answers one: ``{"text",
+        "language", "duration_seconds", "segments", "model", "usage"}`` plus the subtitles the spec's
+        ``formats`` ask for (``providers.transcription.transcription_result``)."""
         audio_url = spec.get("audio_url")
         if not audio_url:
             raise PermanentProviderError(f"pool {self.name}: transcription jobs need an 'audio_url'")
-        body = {k: spec[k] for k in ("model", "language", "duration_seconds", "prompt") if spec.get(k) is not None}
-        body["audio_url"] = audio_url
+        body: dict[str, Any] = {k: spec[k] for k in ("model", "duration_seconds", "prompt") if spec.get(k) is not None}
+        if language := language_code(spec.get("language")):  # Whisper servers want "en", not "english"
+            body["language"] = language
+        # verbose_json carries the timed segments subtitles need; a shim that ignores it still answers the text.
+        body.update(audio_url=audio_url, response_format="verbose_json")
         payload = self._json(self._call("POST", "/v1/audio/transcriptions", body, timeout))
-        duration = payload.get("duration", payload.get("duration_seconds", spec.get("duration_seconds")))
-        return {
-            "text": str(payload.get("text") or ""),
-            "model": str(payload.get("model") or spec.get("model") or ""),
-            "duration_seconds": _number(duration),
-            "usage": _transcription_usage(payload.get("usage")),
-        }
+        model = str(payload.get("model") or spec.get("model") or "")
+        return dict(transcription_result(payload, model=model, spec=spec,
+                                         usage=_transcription_usage(payload.get("usage"))))
 
     def health(self) -> Health:
         """Whether the server answers, and how fast. Never raises: an unhealthy pool is an answer."""

@@ -2,7 +2,10 @@
 shim) that checks gpufleet's HMAC signatures, for the pool adapters' tests.
 
 Routes: ``POST /v1/chat/completions`` (OpenAI shape, output from ``providers.sandbox.models``),
-``POST /v1/audio/transcriptions`` (JSON ``{"audio_url", "model", "language", "duration_seconds"}``),
+``POST /v1/audio/transcriptions`` (JSON ``{"audio_url", "model", "language", "duration_seconds",
+"response_format"}``; with ``"verbose_json"`` the answer is OpenAI's verbose shape — language named in
+English words, ``duration``, segments with id/seek/start/end/text/tokens/… — else, or with
+``verbose_json=False``, ``{text, model, language, duration}``),
 ``GET /health`` and ``GET /v1/models``. With a secret, every request must be signed
 (``providers.pools.signing``): unsigned, tampered, stale or replayed requests get 401.
 
@@ -25,6 +28,7 @@ from typing import Any
 
 from providers.pools.signing import SignatureError, Verifier
 from providers.sandbox import models as fake_models
+from providers.transcription import WHISPER_LANGUAGES
 from tests.emulators.server import LoopbackServer
 
 DEFAULT_SECRET = "pool-test-secret-7c1e"
@@ -43,11 +47,13 @@ class PoolServer(LoopbackServer):
 
     def __init__(self, secret: str | None = DEFAULT_SECRET, models: list[str] | None = None, *,
                  latency: float = 0.0, health_endpoint: bool = True, transcription_usage: str = "tokens",
-                 max_skew_seconds: float = 300, host: str = "127.0.0.1", port: int = 0) -> None:
+                 verbose_json: bool = True, max_skew_seconds: float = 300, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.secret = secret
         self.models = list(models or [])
         self.health_endpoint = health_endpoint
         self.transcription_usage = transcription_usage  # "tokens", "duration" or "none"
+        self.verbose_json = verbose_json  # False: a shim that ignores response_format and answers text only
         self.verifier = Verifier(secret, max_skew_seconds) if secret else None
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
@@ -154,9 +160,16 @@ class PoolServer(LoopbackServer):
     def _transcription(self, body: dict[str, Any], model: str) -> tuple[int, dict[str, Any]]:
         if not body.get("audio_url"):
             return 400, {"error": {"message": "audio_url is required"}}
-        out = fake_models.transcribe(model, str(body["audio_url"]), float(body.get("duration_seconds") or 10.0))
-        answer: dict[str, Any] = {"text": out["text"], "model": model, "language": body.get("language") or "en",
+        out = fake_models.transcribe(model, str(body["audio_url"]), float(body.get("duration_seconds") or 10.0),
+                                     body.get("language"))
+        answer: dict[str, Any] = {"text": out["text"], "model": model, "language": out["language"],
                                   "duration": out["duration_seconds"]}
+        if self.verbose_json and body.get("response_format") == "verbose_json":  # as OpenAI and Whisper servers answer
+            answer.update(task="transcribe", language=WHISPER_LANGUAGES.get(out["language"], out["language"]),
+                          segments=[{"id": i, "seek": 0, "start": seg["start"], "end": seg["end"], "text": " " + seg["text"],
+                                     "tokens": list(range(50364, 50364 + len(seg["text"].split()))), "temperature": 0.0,
+                                     "avg_logprob": -0.25, "compression_ratio": 1.4, "no_speech_prob": 0.01}
+                                    for i, seg in enumerate(out["segments"])])
         if self.transcription_usage == "tokens":
             answer["usage"] = {"type": "tokens", "input_tokens": 0, "output_tokens": out["usage"]["total_tokens"],
                                "total_tokens": out["usage"]["total_tokens"]}

@@ -5,11 +5,20 @@ One HTTP server on 127.0.0.1 answers both, in the shapes the ``runpod`` SDK read
 
 - serverless: ``/v2/{endpoint}/run|runsync|status/{id}|stream/{id}|cancel/{id}|health|purge-queue``.
   A request goes IN_QUEUE → IN_PROGRESS → COMPLETED after its endpoint's delay; the output is
-  computed from the input (inference and transcription through ``providers.sandbox.models``,
-  anything else echoed). Statuses carry ``delayTime`` and ``executionTime`` in ms. Each endpoint
-  has RunPod's settings too (name, templateId, gpuIds, idleTimeout, scaler, ``workersMin``,
-  ``workersMax``); while its workersMax is 0 no worker may start, so requests stay IN_QUEUE until it
-  is raised (then their queue time starts).
+  computed from the input (inference through ``providers.sandbox.models``, anything else echoed).
+  An endpoint with ``"worker": "faster_whisper"`` (the default ``whisper`` one), or a request to an
+  endpoint naming no worker whose input is that worker's (``audio``/``audio_base64``, no ``kind``;
+  another ``worker`` value, e.g. ``"echo"``, turns this off), behaves as RunPod's faster-whisper
+  worker (runpod-workers/worker-faster_whisper): its input is validated as the worker's
+  ``rp_validator`` does (an unknown key or a wrong type FAILs the request with the validator's
+  messages; so does an unknown model or audio that is not an http(s) URL), and it answers in the
+  worker's shape: ``segments`` (id, seek, start, end, text with faster-whisper's leading space,
+  tokens, temperature, avg_logprob, compression_ratio, no_speech_prob), ``detected_language``,
+  ``transcription`` (plain_text, formatted_text, srt or vtt as asked), ``translation``, ``device``,
+  ``model`` and, when asked, ``word_timestamps``. Statuses carry ``delayTime`` and ``executionTime``
+  in ms. Each endpoint has RunPod's settings too (name, templateId, gpuIds, idleTimeout, scaler,
+  ``workersMin``, ``workersMax``); while its workersMax is 0 no worker may start, so requests stay
+  IN_QUEUE until it is raised (then their queue time starts).
 - GraphQL: ``POST /graphql``, the query text parsed with regexes and a small literal parser (string
   literals are unescaped as GraphQL does, so escaping bugs in a client show up as syntax errors or
   mangled values). GPU types with prices and stock per cloud; pods that boot after a delay and then
@@ -29,6 +38,9 @@ runs it from a shell.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import hashlib
 import json
 import os
 import re
@@ -54,7 +66,7 @@ CAPACITY_ERROR = ("There are no longer any instances available with the requeste
 DEFAULT_KEY = "rp-test-key"
 DEFAULT_ENDPOINTS: dict[str, dict[str, Any]] = {
     "vllm-llama": {"price_per_second": 0.00076, "workers": 2, "delay_seconds": 0.2},
-    "whisper": {"price_per_second": 0.00031, "workers": 1, "delay_seconds": 0.2},
+    "whisper": {"price_per_second": 0.00031, "workers": 1, "delay_seconds": 0.2, "worker": "faster_whisper"},
 }
 DEFAULT_GPU_TYPES: list[dict[str, Any]] = [
     {"id": "NVIDIA A100 80GB PCIe", "displayName": "A100 80GB PCIe", "memoryInGb": 80, "maxGpuCount": 8,
@@ -178,16 +190,126 @@ class _Pod:
         return self.desired == "RUNNING" and self.process is not None and self.exit_code is None
 
 
-def output_for(job_input: dict[str, Any]) -> Any:
+def output_for(job_input: dict[str, Any], worker: str | None = None) -> Any:
     """What an emulated worker returns for an input: deterministic, so tests can assert on it."""
-    kind = job_input.get("kind")
-    if kind == "inference":
+    if worker == FASTER_WHISPER or (worker is None and _looks_like_whisper_input(job_input)):
+        return whisper_output(job_input)
+    if job_input.get("kind") == "inference":
         return models.complete(str(job_input.get("model", "llama-3-8b")), models.prompt_text(job_input),
                                int(job_input.get("max_tokens", 256)))
-    if kind == "transcription":
-        return models.transcribe(str(job_input.get("model", "whisper-large-v3")), str(job_input.get("audio_url", "")),
-                                 float(job_input.get("duration_seconds") or 60))
     return job_input
+
+
+# --- RunPod's faster-whisper worker ----------------------------------------------------------------
+
+FASTER_WHISPER = "faster_whisper"
+# The worker's input schema (its src/rp_schema.py): key → the type its validator checks with isinstance.
+WHISPER_SCHEMA: dict[str, type] = {
+    "audio": str, "audio_base64": str, "model": str, "transcription": str, "translate": bool, "translation": str,
+    "language": str, "temperature": float, "best_of": int, "beam_size": int, "patience": float,
+    "length_penalty": float, "suppress_tokens": str, "initial_prompt": str, "condition_on_previous_text": bool,
+    "temperature_increment_on_fallback": float, "compression_ratio_threshold": float, "logprob_threshold": float,
+    "no_speech_threshold": float, "enable_vad": bool, "word_timestamps": bool,
+}
+WHISPER_MODELS = ("tiny", "base", "small", "medium", "large-v1", "large-v2", "large-v3", "distil-large-v2",
+                  "distil-large-v3", "turbo")
+
+
+def _looks_like_whisper_input(job_input: dict[str, Any]) -> bool:
+    return "kind" not in job_input and ("audio" in job_input or "audio_base64" in job_input)
+
+
+def whisper_error(job_input: dict[str, Any]) -> str | None:
+    """Why the worker would fail this input, as RunPod reports it; None when it would transcribe it.
+    Validation errors are the validator's messages (the handler returns them as its ``error``); a missing
+    model or unreadable audio is an exception in the handler, which the SDK reports as JSON."""
+    errors = [f"Unexpected input. {key} is not a valid input option." for key in job_input if key not in WHISPER_SCHEMA]
+    for key, kind in WHISPER_SCHEMA.items():
+        value = job_input.get(key)
+        if value is not None and not isinstance(value, kind):
+            errors.append(f"{key} should be {kind} type, not {type(value)}.")
+    if errors:
+        return " ".join(errors)
+    audio, encoded = job_input.get("audio"), job_input.get("audio_base64")
+    if not audio and not encoded:
+        return _handler_exception("ValueError", "Must provide either audio or audio_base64")
+    if audio and not str(audio).startswith(("http://", "https://")):
+        return _handler_exception("RuntimeError", f"Invalid data found when processing input: {audio}")
+    if encoded and not audio:
+        try:
+            base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            return _handler_exception("binascii.Error", str(exc))
+    model = job_input.get("model") or "base"
+    if model not in WHISPER_MODELS:
+        return _handler_exception("ValueError", f"Model '{model}' not found.")
+    return None
+
+
+def _handler_exception(error_type: str, message: str) -> str:
+    """How the runpod SDK reports an exception raised by a handler."""
+    return json.dumps({"error_type": f"<class '{error_type}'>", "error_message": message,
+                       "error_traceback": f"Traceback (most recent call last):\n  ...\n{error_type}: {message}\n"})
+
+
+def whisper_output(job_input: dict[str, Any]) -> dict[str, Any]:
+    """The worker's answer: a deterministic transcript (``providers.sandbox.models``; remote audio is
+    not fetched, so it lasts a minute) in faster-whisper's segment objects, serialized as the worker does."""
+    model = str(job_input.get("model") or "base")
+    audio = str(job_input.get("audio") or "")
+    if not audio:
+        audio = "base64:" + hashlib.sha256(str(job_input.get("audio_base64") or "").encode()).hexdigest()[:16]
+    language = job_input.get("language")
+    transcript = models.transcribe(model, audio, None, str(language) if language else None)
+    segments: list[dict[str, Any]] = []
+    for i, seg in enumerate(transcript["segments"], start=1):
+        words = seg["text"].split()
+        digest = hashlib.sha256(f"{audio}|{i}".encode()).digest()
+        segments.append({
+            "id": i, "seek": int(seg["start"] // 30 * 3000), "start": seg["start"], "end": seg["end"],
+            "text": " " + seg["text"],  # faster-whisper's segments start with the space before the first word
+            "tokens": [50364 + digest[j % len(digest)] * 7 + j for j in range(len(words) + 1)],
+            "temperature": 0.0, "avg_logprob": round(-0.2 - digest[0] / 1000, 4),
+            "compression_ratio": round(1.3 + digest[1] / 1000, 4),
+            "no_speech_prob": digest[2] / 10_000})
+    output: dict[str, Any] = {
+        "segments": segments, "detected_language": transcript["language"],
+        "transcription": _whisper_format(str(job_input.get("transcription") or "plain_text"), segments),
+        "translation": (_whisper_format(str(job_input.get("translation") or "plain_text"), segments)
+                        if job_input.get("translate") else None),
+        "device": "cuda", "model": model}
+    if job_input.get("word_timestamps"):
+        output["word_timestamps"] = [word for seg in segments for word in _words_of(seg)]
+    return output
+
+
+def _words_of(segment: dict[str, Any]) -> list[dict[str, Any]]:
+    words = segment["text"].split()
+    step = (segment["end"] - segment["start"]) / len(words)
+    return [{"word": " " + w, "start": round(segment["start"] + i * step, 2), "end": round(segment["start"] + (i + 1) * step, 2)}
+            for i, w in enumerate(words)]
+
+
+def _whisper_format(fmt: str, segments: list[dict[str, Any]]) -> str:
+    """The worker's ``format_segments``: plain text, one line per segment, SRT, or (anything else) its VTT
+    cues, which carry no WEBVTT header."""
+    if fmt == "plain_text":
+        return " ".join(s["text"].lstrip() for s in segments)
+    if fmt == "formatted_text":
+        return "\n".join(s["text"].lstrip() for s in segments)
+    if fmt == "srt":
+        return "".join(f"{i}\n{_stamp(s['start'], ',')} --> {_stamp(s['end'], ',')}\n{s['text'].strip()}\n\n"
+                       for i, s in enumerate(segments, start=1))
+    return "".join(f"{_stamp(s['start'], '.')} --> {_stamp(s['end'], '.')}\n{s['text'].strip()}\n\n" for s in segments)
+
+
+def _stamp(seconds: float, marker: str) -> str:
+    """faster-whisper's ``format_timestamp(..., always_include_hours=True)``."""
+    ms = round(seconds * 1000)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{marker}{ms:03d}"
 
 
 # --- the emulator --------------------------------------------------------------------------------
@@ -525,6 +647,11 @@ class RunPodEmulator(LoopbackServer):
         cfg = self.endpoints[endpoint]
         policy: dict[str, Any] = body["policy"] if isinstance(body.get("policy"), dict) else {}
         outcome, error = cfg["fail_next"].pop(0) if cfg["fail_next"] else ("COMPLETED", None)
+        worker = cfg.get("worker")
+        if outcome == "COMPLETED" and (worker == FASTER_WHISPER or (worker is None and _looks_like_whisper_input(body["input"]))):
+            # The worker runs (and is billed) before its validator or handler fails the request.
+            if (refused := whisper_error(body["input"])) is not None:
+                outcome, error = "FAILED", refused
         exec_s = float(cfg["delay_seconds"])
         limit = float(policy["executionTimeout"]) / 1000 if policy.get("executionTimeout") else None
         if outcome == "TIMED_OUT":
@@ -556,7 +683,7 @@ class RunPodEmulator(LoopbackServer):
         if status not in ("IN_QUEUE", "IN_PROGRESS"):
             out["executionTime"] = int(job.ran(now) * 1000)
         if status == "COMPLETED":
-            out["output"] = output_for(job.input)
+            out["output"] = output_for(job.input, self.endpoints[job.endpoint].get("worker"))
             out["workerId"] = f"{job.endpoint}-worker-1"
         if status == "FAILED":
             out["error"] = job.error

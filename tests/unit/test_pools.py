@@ -4,6 +4,7 @@ flight, failure mapping, and keeping the shared secret out of every message."""
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from providers.base import (
 )
 from providers.pools import PoolClient, PoolProvider
 from providers.pools.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, SignatureError, Verifier, sign
+from providers.sandbox import models as fake_models
 from tests.emulators.pool_server import PoolServer
 
 SECRET = "pool-secret-4b8d1f"
@@ -139,7 +141,36 @@ def test_client_transcribes_by_sending_the_audio_url_as_json(server: PoolServer)
     assert out["text"] and out["model"] == "whisper-large-v3" and out["duration_seconds"] == 8
     assert out["usage"]["total_tokens"] == 20
     (request,) = server.work_requests()
-    assert b'"audio_url": "https://example.test/a.wav"' in request["body"]
+    assert json.loads(request["body"]) == {**AUDIO, "response_format": "verbose_json"}
+
+
+def test_client_returns_the_uniform_transcription_shape_with_subtitles(server: PoolServer) -> None:
+    expected = fake_models.transcribe("whisper-large-v3", "https://example.test/de.wav", 12.5, "de")
+    with client(server) as pool:
+        out = pool.transcribe({**AUDIO, "audio_url": "https://example.test/de.wav", "language": "german",
+                               "duration_seconds": 12.5, "formats": ["text", "srt", "vtt"]})
+    assert set(out) == {"text", "language", "duration_seconds", "segments", "model", "usage", "formats"}
+    # verbose_json's "german" becomes "de"; the segments lose the engine's extras and leading spaces.
+    assert out["language"] == "de" and json.loads(server.work_requests()[0]["body"])["language"] == "de"
+    assert out["segments"] == expected["segments"] and len(out["segments"]) > 2
+    assert out["text"] == expected["text"] and out["duration_seconds"] == 12.5 and out["model"] == "whisper-large-v3"
+    assert out["usage"] == {"total_tokens": expected["usage"]["total_tokens"]}
+    first = out["segments"][0]
+    assert out["formats"]["srt"].startswith(f"1\n00:00:00,000 --> {render_time(first['end'], ',')}\n{first['text']}\n")
+    assert out["formats"]["vtt"].startswith(f"WEBVTT\n\n00:00:00.000 --> {render_time(first['end'], '.')}\n")
+
+
+def test_a_shim_answering_text_only_still_gives_the_uniform_shape() -> None:
+    with PoolServer(secret=SECRET, verbose_json=False, transcription_usage="duration") as plain, client(plain) as pool:
+        out = pool.transcribe({**AUDIO, "formats": ["srt"]})
+    assert out["segments"] == [] and out["text"] and out["language"] == "en" and out["duration_seconds"] == 8
+    assert out["usage"] == {"seconds": 8}
+    assert out["formats"]["srt"] == f"1\n00:00:00,000 --> 00:00:08,000\n{out['text']}\n"  # one cue over the audio
+
+
+def render_time(seconds: float, marker: str) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{marker}{ms % 1000:03d}"
 
 
 def test_the_server_refuses_a_replayed_request(server: PoolServer) -> None:

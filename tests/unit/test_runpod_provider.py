@@ -33,14 +33,14 @@ from providers.instance import instance_command
 from providers.runpod import RunPodProvider
 from providers.sandbox import models
 from tests.emulators.callback import Receiver
-from tests.emulators.runpod import RunPodEmulator
+from tests.emulators.runpod import RunPodEmulator, whisper_output
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "rp-test-key-3f9a"
 A100 = "NVIDIA A100 80GB PCIe"
 RTX = "NVIDIA GeForce RTX 4090"
 ENDPOINTS = {"llm": {"price_per_second": 0.0005, "workers": 2, "delay_seconds": 0.2},
-             "asr": {"price_per_second": 0.0002, "workers": 1, "delay_seconds": 0.1}}
+             "asr": {"price_per_second": 0.0002, "workers": 1, "delay_seconds": 0.1, "worker": "faster_whisper"}}
 INFER = {"model": "llama-3-8b", "prompt": "why is the sky blue?", "max_tokens": 16}
 
 
@@ -191,6 +191,85 @@ def test_serverless_failures_are_mapped(emu: RunPodEmulator, outcome: str, error
     status = wait(provider, handle)
     assert status.state == "failed" and status.transient is transient
     assert message in (status.error or "")
+
+
+AUDIO = {"audio_url": "https://media.example.test/talk.wav", "model": "whisper-large-v3", "language": "english",
+         "formats": ["text", "srt"]}
+
+
+def test_transcription_sends_the_whisper_workers_input_and_returns_the_uniform_shape(emu: RunPodEmulator) -> None:
+    provider = make(emu)
+    lease, handle = run_request(provider, job("transcription", AUDIO), endpoint="asr")
+    [run] = [r for r in emu.requests if r["path"] == "/v2/asr/run"]
+    # Only keys RunPod's faster-whisper worker knows (its validator fails a request with any other),
+    # the model by the worker's name and the language as the code Whisper wants.
+    assert run["body"]["input"] == {"audio": AUDIO["audio_url"], "model": "large-v3", "transcription": "plain_text",
+                                    "language": "en"}
+    stored = RunHandle(**handle.model_dump(mode="json"))  # as a restarted worker would load it
+    status = wait(provider, stored)
+    assert status.state == "succeeded", status.error
+    result = status.result or {}
+    assert set(result) == {"text", "language", "duration_seconds", "segments", "model", "usage", "formats"}
+    assert result["language"] == "en" and result["model"] == "whisper-large-v3"
+    [emulated] = [j for j in emu.jobs() if j["endpoint"] == "asr"]
+    worker = whisper_output(emulated["input"])  # what the emulated worker answered (deterministic)
+    assert worker["detected_language"] == "en" and worker["model"] == "large-v3" and worker["device"] == "cuda"
+    # Segments keep start/end/text only, without faster-whisper's leading space; the text joins them.
+    assert result["segments"] == [{"start": s["start"], "end": s["end"], "text": s["text"].strip()}
+                                  for s in worker["segments"]]
+    assert len(result["segments"]) > 3 and result["text"] == worker["transcription"]
+    assert result["duration_seconds"] == worker["segments"][-1]["end"]
+    assert result["usage"] == {"total_tokens": sum(len(s["tokens"]) for s in worker["segments"])}
+    srt = result["formats"]["srt"]
+    assert srt.startswith("1\n00:00:00,000 --> ") and f"\n{result['segments'][1]['text']}\n" in srt
+    assert set(result["formats"]) == {"srt"}  # text and json are the result itself
+    # The cost logic is unchanged: execution time × the endpoint's price.
+    assert status.cost == pytest.approx(emulated["executionTime"] / 1000 * 0.72 / 3600)
+
+
+def test_transcription_keeps_the_jobs_hints_and_asks_for_vtt(emu: RunPodEmulator) -> None:
+    provider = make(emu)
+    spec = {"audio_url": "https://media.example.test/de.mp3", "language": "de", "duration_seconds": 61.5,
+            "formats": ["vtt"]}  # no model: the worker's default
+    _, handle = run_request(provider, job("transcription", spec), endpoint="asr")
+    result = wait(provider, handle).result or {}
+    [run] = [r for r in emu.requests if r["path"] == "/v2/asr/run"]
+    assert run["body"]["input"] == {"audio": spec["audio_url"], "transcription": "plain_text", "language": "de"}
+    assert result["language"] == "de" and result["model"] == "base"
+    assert result["duration_seconds"] == 61.5  # the worker reports no length: the job's own figure
+    assert result["formats"]["vtt"].startswith("WEBVTT\n\n00:00:00.000 --> ") and "srt" not in result["formats"]
+
+
+def test_a_worker_rejecting_the_input_fails_the_job_permanently(emu: RunPodEmulator) -> None:
+    provider = make(emu)
+    _, handle = run_request(provider, job("transcription", {**AUDIO, "model": "whisper-1"}), endpoint="asr")
+    status = wait(provider, handle)
+    assert status.state == "failed" and not status.transient
+    assert "Model 'whisper-1' not found." in (status.error or "")
+
+
+def test_transcription_of_local_audio_is_not_offered(emu: RunPodEmulator, tmp_path: Path) -> None:
+    provider = make(emu, pods=None)
+    asr = offer(provider, "endpoint:asr", "transcription", spec={})  # made before the job's audio was known
+    for local in (str(tmp_path / "a.wav"), f"file://{tmp_path}/a.wav"):
+        spec = job("transcription", {"audio_url": local})
+        assert provider.offers(Requirements(), "transcription", spec.spec) == []  # a worker at RunPod cannot read it
+        with pytest.raises(PermanentProviderError, match="local audio"):
+            provider.start(provider.reserve(asr, spec), spec)
+    assert not any(r["path"].startswith("/v2/") for r in emu.requests)
+    assert [o.offer_id for o in provider.offers(Requirements(), "transcription", {"audio_url": "s3://b/a.wav"})] == [
+        "endpoint:asr"]
+
+
+def test_an_endpoint_answering_without_a_transcript_fails_the_job() -> None:
+    with RunPodEmulator(api_key=KEY, endpoints={"echo": {"price_per_second": 0.0005, "worker": "echo",
+                                                         "delay_seconds": 0.05}}) as other:
+        provider = make(other, pods=None, endpoints=[{"endpoint_id": "echo", "price_per_second": 0.0005,
+                                                      "kinds": ["transcription"]}])
+        _, handle = run_request(provider, job("transcription", AUDIO), endpoint="echo")  # it echoes its input
+        status = wait(provider, handle)
+    assert status.state == "failed" and not status.transient and status.cost is not None
+    assert "without a transcript" in (status.error or "") and "faster-whisper" in (status.error or "")
 
 
 def test_request_cancelled_by_runpod_fails_and_is_not_cancelled_again(emu: RunPodEmulator) -> None:
