@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -69,7 +70,7 @@ def append(session: Session, job_id: uuid.UUID, attempt: int, chunks: list[tuple
              "text": text[-MAX_CHUNK:]} for stream, text in chunks if text]
     if not rows:
         return []
-    session.execute(JobLog.__table__.insert(), rows)
+    session.execute(insert_rows(JobLog), rows)
     steps = []
     for stream, text in chunks:
         if stream == "stdout":

@@ -97,9 +97,9 @@ def bind(pool: str, member_id: uuid.UUID, job_id: uuid.UUID, attempt: int) -> bo
                            .with_for_update(skip_locked=True)).first()
         if member is None or (member.request or {}).get("pool") != pool or _busy(s, [member_id]):
             return False
-        return rows_changed(s.execute(update(Job).where(
+        return bool(rows_changed(s.execute(update(Job).where(
             Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.running.value)
-            .values(use_reservation_id=member_id, claimed_at=None)))
+            .values(use_reservation_id=member_id, claimed_at=None))))
 
 
 def _memory(session: Any, pool: str, members: list[Reservation], now: float) -> ScaleState:

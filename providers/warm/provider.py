@@ -80,11 +80,11 @@ class WarmPoolProvider(Provider):
         the pool still shows itself, full, so a job that wants it waits for the autoscaler to grow it."""
         if kind not in self.kinds or not spec.get("command"):
             return []  # members run commands through their agent
-        idle = self._idle_members()
+        idle: list[tuple[uuid.UUID | None, str]] = [*self._idle_members()] or [(None, "")]
         return [Offer(provider=self.name, offer_id=f"member-{member}" if member else "grow", gpu=self.pool.gpu[0],
                       gpu_count=self.pool.gpu_count, region=region, price_per_hour=0.0, capacity=1 if member else 0,
                       kinds=self.kinds)
-                for member, region in (idle or [(None, "")])]
+                for member, region in idle]
 
     def reserve(self, offer: Offer, job: JobSpec) -> Lease:
         from orchestrator.services.warm_pools import bind
