@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     distill_train_command: str = ""
     # How long POST /v1/chat/completions holds the connection before answering 504 (the job goes on).
     front_door_timeout_seconds: float = Field(default=300.0, gt=0)
+    # Runs' collected output: kept this many days, and at most this many characters per job (beyond
+    # it only checkpoint lines are still read), so a chatty run cannot fill the database.
+    log_retention_days: int = Field(default=30, ge=1)
+    max_log_chars_per_job: int = Field(default=20_000_000, ge=10_000)
     # How often pool providers (ASG, MIG) are resized from their queue depth.
     autoscale_interval_seconds: float = Field(default=15.0, gt=0)
     # Health monitor: every provider is checked on the beat this often, and the result shared through

@@ -60,6 +60,11 @@ def make_app(settings: Settings) -> Celery:
                 "schedule": 300.0,
                 "options": {"queue": CONTROL_QUEUE, "expires": 600},
             },
+            "prune-run-output": {
+                "task": messaging.PRUNE_RUN_OUTPUT,
+                "schedule": 3600.0,
+                "options": {"queue": CONTROL_QUEUE, "expires": 3600},
+            },
             "autoscale-pools": {
                 "task": messaging.AUTOSCALE,
                 "schedule": settings.autoscale_interval_seconds,

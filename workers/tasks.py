@@ -60,6 +60,13 @@ def autoscale() -> dict[str, str]:
     return autoscaler.autoscale()
 
 
+@shared_task(name=messaging.PRUNE_RUN_OUTPUT)
+def prune_run_output() -> int:
+    from orchestrator.services import run_output
+
+    return run_output.prune()
+
+
 @shared_task(name=messaging.HEALTH)
 def health_check() -> dict[str, str]:
     return health.probe_all()

@@ -13,18 +13,19 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from orchestrator.clock import as_utc
+from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.engine import session_scope
 from orchestrator.db.models import JobCheckpoint, JobLog
+from orchestrator.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,20 @@ def parse_checkpoints(text: str) -> list[tuple[int, str]]:
 
 def append(session: Session, job_id: uuid.UUID, attempt: int, chunks: list[tuple[str, str]]) -> list[int]:
     """Store output chunks ``[(stream, text)]`` in order and record the checkpoints they announce;
-    returns the steps recorded."""
+    returns the steps recorded. Past the per-job limit the text is dropped (once, with a note), but
+    checkpoint lines are still recorded: a run's progress matters more than its chatter."""
     rows = [{"job_id": job_id, "attempt": attempt, "stream": stream if stream in STREAMS else "stdout",
              "text": text[-MAX_CHUNK:]} for stream, text in chunks if text]
     if not rows:
         return []
-    session.execute(insert_rows(JobLog), rows)
+    limit = get_settings().max_log_chars_per_job
+    kept = session.scalar(select(func.coalesce(func.sum(func.length(JobLog.text)), 0))
+                          .where(JobLog.job_id == job_id)) or 0
+    if kept < limit:
+        if kept + sum(len(r["text"]) for r in rows) >= limit:
+            rows.append({"job_id": job_id, "attempt": attempt, "stream": "stderr",
+                         "text": f"[gpufleet] this job's output passed {limit:,} characters: the rest is not kept\n"})
+        session.execute(insert_rows(JobLog), rows)
     steps = []
     for stream, text in chunks:
         if stream == "stdout":
@@ -113,3 +122,18 @@ def read(job_id: uuid.UUID, after: int = 0, limit: int = 1000) -> list[dict[str,
                  "at": as_utc(r.at).isoformat()}  # type: ignore[union-attr]
                 for r in s.scalars(select(JobLog).where(JobLog.job_id == job_id, JobLog.id > after)
                                    .order_by(JobLog.id).limit(limit))]
+
+
+def prune(batch: int = 5000) -> int:
+    """Delete output older than the retention, a batch at a time (the table never locks up); returns how
+    many chunks went."""
+    cutoff = utcnow() - timedelta(days=get_settings().log_retention_days)
+    deleted = 0
+    while True:
+        with session_scope() as s:
+            ids = list(s.scalars(select(JobLog.id).where(JobLog.at < cutoff).limit(batch)))
+            if ids:
+                s.execute(delete(JobLog).where(JobLog.id.in_(ids)))
+        deleted += len(ids)
+        if len(ids) < batch:
+            return deleted
