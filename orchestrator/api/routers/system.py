@@ -9,14 +9,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy import text
 
 from orchestrator.db.engine import session_scope
+from orchestrator.distillation.metrics import DistillationCollector
 from orchestrator.services import provider_status
 from orchestrator.services.metrics import JobCollector
+from orchestrator.services.provider_metrics import (
+    CapacityCollector,
+    ProviderHealthCollector,
+    ProviderUsageCollector,
+    RoutingCollector,
+)
 
 from ..deps import current_tenant
 
 router = APIRouter(tags=["system"])
 _registry = CollectorRegistry()
-_registry.register(JobCollector())
+# Every figure is computed from the database at scrape time (docs/architecture.md, "Metrics"); each
+# collector declares its names, so a clash between two of them fails at start-up, not in a scrape.
+for _collector in (JobCollector(), RoutingCollector(), ProviderHealthCollector(), ProviderUsageCollector(),
+                   CapacityCollector(), DistillationCollector()):
+    _registry.register(_collector)
 
 
 def _check_database() -> str:
