@@ -176,6 +176,10 @@ def _judged(pair: DistillationPair, score: float | None) -> None:
 
 
 def _ask_judge(s: Session, pair: DistillationPair, settings: Settings) -> None:
+    # Both sides may end at once: the second record() (serialised by the pair's row lock) finds the
+    # judge the first one asked, and must not pay for another.
+    if s.scalar(select(Job.id).where(Job.pair_id == pair.id, Job.pair_role == JUDGE).limit(1)) is not None:
+        return
     req = PairRequest(teacher_model=settings.distill_judge_model, student_model="",
                       messages=[{"role": "user", "content": quality.judge_prompt(pair.messages, pair.teacher_output or "")}],
                       max_tokens=8, temperature=0.0)
