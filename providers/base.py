@@ -225,6 +225,6 @@ class Provider:
     def health(self) -> Health:
         return Health(ok=True)
 
-    def serves_tenant(self, tenant_id: uuid.UUID) -> bool:
+    def serves_tenant(self, tenant_id: uuid.UUID | None) -> bool:
         """Capacity that belongs to one tenant (a warm pool it pays for) is offered to that tenant only."""
         return True

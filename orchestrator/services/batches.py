@@ -318,11 +318,15 @@ def cancel(tenant_id: uuid.UUID, batch_id: uuid.UUID, actor: str = "api") -> tup
             now = utcnow()
             batch.state, batch.cancelled_at, batch.updated_at = CANCELLED, now, now
     releases: list[tuple[uuid.UUID, str]] = []
-    for _ in range(20):  # a job that moves under us is looked at again; one that keeps moving, at most 20 times
+    tries: dict[uuid.UUID, int] = {}
+    while True:  # chunk after chunk until none is left; a job that keeps moving is looked at 20 times at most
         with session_scope() as s:
-            pending = list(s.scalars(select(Job.id).where(Job.batch_id == batch_id, Job.status.notin_(_TERMINAL))
-                                     .limit(CANCEL_CHUNK)))
+            query = select(Job.id).where(Job.batch_id == batch_id, Job.status.notin_(_TERMINAL))
+            if stuck := [j for j, n in tries.items() if n >= 20]:
+                query = query.where(Job.id.notin_(stuck))
+            pending = list(s.scalars(query.order_by(Job.id).limit(CANCEL_CHUNK)))
             for job_id in pending:
+                tries[job_id] = tries.get(job_id, 0) + 1
                 try:
                     job, needs_release = jobs.cancel(s, tenant_id, job_id, actor=actor)
                 except Conflict:
@@ -370,8 +374,7 @@ def estimate(kind: str, options: JobOptions, reqs: list[Any], total: int, settin
     estimate assumed (its price ÷ the offer's $/h; a per-kind default for usage-priced offers). Items of a
     group run ``parallel`` at once — the free capacity of the offers that fit: runs are detached from the
     workers, so the queue's worker concurrency bounds how fast items are placed, not how many run."""
-    from orchestrator.services import health
-    from providers.registry import get_providers
+    from orchestrator.services import health, pipeline
 
     groups: dict[tuple[str | None, int | None], list[Any]] = defaultdict(list)
     for req in reqs:
@@ -392,7 +395,7 @@ def estimate(kind: str, options: JobOptions, reqs: list[Any], total: int, settin
         spec = sample.spec.model_dump(mode="json", exclude_none=True)
         timeout = options.timeout_seconds or settings.default_timeout_seconds
         try:
-            placement = place(get_providers(), kind, spec, requirements, timeout, stats=health.stats,
+            placement = place(pipeline.providers_for(tenant_id), kind, spec, requirements, timeout, stats=health.stats,
                               monitor=health.snapshot(), seed="estimate")
         except CapacityBusy as exc:
             group.unplaceable = f"every fitting offer is busy right now (items would wait): {exc}"

@@ -106,7 +106,7 @@ def dispatch(
     failed, busy = _exclusions(job.excluded_offers)
     try:
         placement = place(
-            _providers_for(job.tenant_id), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, failed,
+            providers_for(job.tenant_id), job.kind, job.spec, Requirements(**job.requirements), job.timeout_seconds, failed,
             seed=f"{job.id}:{job.attempt}", busy=busy, stats=health.stats, monitor=health.snapshot(),
         )
     except CapacityBusy as exc:
@@ -135,7 +135,7 @@ def dispatch(
         messaging.send(messaging.EXECUTE, [str(job_id), attempt], queue)
 
 
-def _providers_for(tenant_id: uuid.UUID) -> dict[str, Provider]:
+def providers_for(tenant_id: uuid.UUID | None) -> dict[str, Provider]:
     """The providers this tenant's jobs may use: all of them, but a tenant's own warm pool only for it."""
     providers = get_providers()
     return {name: p for name, p in providers.items() if p.serves_tenant(tenant_id)}

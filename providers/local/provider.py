@@ -30,6 +30,9 @@ from providers.base import (
 from providers.local import processes
 
 
+TRANSCRIPTION_START_TIMEOUT = 1800.0
+
+
 class LocalProvider(Provider):
     kind: ClassVar[ProviderKind] = ProviderKind.local
     default_start_timeout: ClassVar[float] = 10.0
@@ -41,6 +44,10 @@ class LocalProvider(Provider):
         self.gpus: list[str] = list(self.config.get("gpus", []))
         self.gpu_memory_gb = float(self.config.get("gpu_memory_gb", 0))
         self.openai_base_url: str | None = self.config.get("openai_base_url")
+        if self.config.get("transcription_model") and "start_timeout" not in self.config:
+            # Transcription runs inside start(): give it the time a long file takes, or the sweeper would
+            # take the job for lost and run it again elsewhere while this worker is still transcribing.
+            self.start_timeout = float(self.config.get("transcription_timeout", TRANSCRIPTION_START_TIMEOUT))
 
     def _kinds(self, spec: dict[str, Any]) -> list[str]:
         kinds = ["command"]

@@ -54,7 +54,7 @@ class WarmPoolProvider(Provider):
         self._idle: tuple[float, list[tuple[uuid.UUID, str]]] = (0.0, [])
         self._tenant_id: uuid.UUID | None = None
 
-    def serves_tenant(self, tenant_id: uuid.UUID) -> bool:
+    def serves_tenant(self, tenant_id: uuid.UUID | None) -> bool:
         if self._tenant_id is None:
             from orchestrator.services.warm_pools import tenant_id_of
 
@@ -62,9 +62,11 @@ class WarmPoolProvider(Provider):
         return tenant_id == self._tenant_id
 
     def serves(self, tenant_id: uuid.UUID, requirements: dict[str, Any]) -> bool:
-        """Whether a queued job counts as demand for this pool (the autoscaler asks)."""
+        """Whether a queued job counts as demand for this pool (the autoscaler asks): the pool's tenant's,
+        and a member could hold it — rented for a job it could never run, a member would only idle."""
         gpus = requirements.get("gpu")
-        return self.serves_tenant(tenant_id) and (not gpus or bool(set(gpus) & set(self.pool.gpu)))
+        return (self.serves_tenant(tenant_id) and (not gpus or bool(set(gpus) & set(self.pool.gpu)))
+                and int(requirements.get("gpu_count") or 0) <= self.pool.gpu_count)
 
     def _idle_members(self) -> list[tuple[uuid.UUID, str]]:
         from orchestrator.services.warm_pools import idle_members

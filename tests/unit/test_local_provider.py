@@ -408,3 +408,12 @@ def test_a_model_that_cannot_be_loaded_sends_the_job_elsewhere(tmp_path: Path, f
     broken = transcriber(tmp_path, not_a_model)
     with pytest.raises(TransientProviderError, match="could not load the model .*model.bin"):
         start(broken, job({"audio_url": audio}, kind="transcription"))
+
+
+def test_a_transcribing_machine_gets_the_time_a_long_file_takes_to_start() -> None:
+    from providers.local.provider import TRANSCRIPTION_START_TIMEOUT, LocalProvider
+
+    assert LocalProvider("local", {}).start_timeout == LocalProvider.default_start_timeout
+    assert LocalProvider("local", {"transcription_model": "/models/x"}).start_timeout == TRANSCRIPTION_START_TIMEOUT
+    assert LocalProvider("local", {"transcription_model": "/m", "transcription_timeout": 600}).start_timeout == 600
+    assert LocalProvider("local", {"transcription_model": "/m", "start_timeout": 42}).start_timeout == 42
