@@ -187,6 +187,8 @@ class Provider:
     default_provisioning_timeout: ClassVar[float] = 300.0
     # True if owned() lists every lease this provider holds for us, so a lease missing from it is gone.
     lists_all_leases: ClassVar[bool] = False
+    # Runs on this machine (its processes share our disk and credentials' reach), not on rented capacity.
+    runs_here: ClassVar[bool] = False
     # Placement facts from the provider's config, set by the registry (adapters never see these keys):
     # placed only when nothing else fits (``last_resort: true``, e.g. the Fly fallback chat service);
     # cost tier; share under weighted_random; rank under the failover strategy; what it can do.

@@ -12,6 +12,7 @@ from orchestrator.services.snapshots import Snapshot
 from orchestrator.settings import Settings, get_settings
 from orchestrator.storage import StorageError, configured_storage
 from providers.base import JobSpec
+from providers.registry import get_providers
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ def _checkpoint_env(settings: Settings, job: Snapshot) -> dict[str, str]:
     how often, and — after a lost run — the latest checkpoint to resume from."""
     env = {"GPUFLEET_CHECKPOINT_INTERVAL": str(job.spec.get("checkpoint_interval_seconds", 600))}
     uri = job.spec.get("checkpoint_uri")
-    if not uri:
+    provider = get_providers().get(job.provider or "")
+    # Our storage is a default only for runs on this machine: a rented instance holds no credentials of
+    # ours, and our disk is not its disk. There the job names its own checkpoint_uri (docs/training.md).
+    if not uri and provider is not None and provider.runs_here:
         try:
             uri = configured_storage(settings).uri(f"jobs/{job.id}/checkpoints") + "/"
         except StorageError as exc:

@@ -35,6 +35,7 @@ TRANSCRIPTION_START_TIMEOUT = 1800.0
 
 class LocalProvider(Provider):
     kind: ClassVar[ProviderKind] = ProviderKind.local
+    runs_here: ClassVar[bool] = True
     default_start_timeout: ClassVar[float] = 10.0
 
     def __init__(self, name: str = "local", config: dict[str, Any] | None = None) -> None:

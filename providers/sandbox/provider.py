@@ -35,6 +35,7 @@ from providers.sandbox.market import DEFAULT_OFFERS, Ledger, SandboxOffer
 
 class SandboxProvider(Provider):
     kind: ClassVar[ProviderKind] = ProviderKind.marketplace
+    runs_here: ClassVar[bool] = True
     default_start_timeout: ClassVar[float] = 10.0
     lists_all_leases: ClassVar[bool] = True
 
