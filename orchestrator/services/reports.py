@@ -43,7 +43,9 @@ class OutputChunk(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     stream: Literal["stdout", "stderr"] = "stdout"
-    text: str = Field(max_length=run_output.MAX_CHUNK)
+    # Longer chunks are accepted and cut to their end when kept: refusing one would lose the checkpoint
+    # lines in it (the body as a whole is bounded by the API's payload limit).
+    text: str
 
 
 class RunOutput(BaseModel):

@@ -68,6 +68,8 @@ def append(session: Session, job_id: uuid.UUID, attempt: int, chunks: list[tuple
     """Store output chunks ``[(stream, text)]`` in order and record the checkpoints they announce;
     returns the steps recorded. Past the per-job limit the text is dropped (once, with a note), but
     checkpoint lines are still recorded: a run's progress matters more than its chatter."""
+    # Postgres text cannot hold NUL; a chunk keeps its end (the latest lines) when it is too long.
+    chunks = [(stream, text.replace("\x00", "")) for stream, text in chunks]
     rows = [{"job_id": job_id, "attempt": attempt, "stream": stream if stream in STREAMS else "stdout",
              "text": text[-MAX_CHUNK:]} for stream, text in chunks if text]
     if not rows:

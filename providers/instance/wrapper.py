@@ -54,7 +54,13 @@ def report(body, url, token):
 class Shipper:
     """Sends the run's output to GPUFLEET_OUTPUT_URL as it comes: every second, and at once after a
     checkpoint line (the instance may be preempted the next moment). Best effort: the run never
-    waits on us, and output we could not send is still in the instance's own log."""
+    waits on us, and output we could not send is still in the instance's own log. Checkpoint lines
+    come first: the buffer drops other lines when the API is away, and a refused batch is sent again
+    as its checkpoint lines alone."""
+
+    MAX_LINE = 16000  # characters kept of one line (checkpoint lines are short and kept whole)
+    MAX_BATCH = 256000  # characters per request, well under the API's body limit
+    MAX_PENDING = 20000  # lines held while the API is unreachable
 
     def __init__(self, url, token):
         self.url, self.token = url, token
@@ -69,32 +75,64 @@ class Shipper:
     def add(self, stream, line):
         if not self.url:
             return
+        checkpoint = line.startswith("GPUFLEET_CHECKPOINT ")
+        if not checkpoint and len(line) > self.MAX_LINE:
+            line = line[: self.MAX_LINE] + " [gpufleet: line cut]\n"
         with self.lock:
-            self.pending.append({"stream": stream, "text": line})
-        if line.startswith("GPUFLEET_CHECKPOINT "):
+            if len(self.pending) >= self.MAX_PENDING:  # keep the checkpoints, drop the oldest chatter
+                drop = next((i for i, item in enumerate(self.pending) if not item["checkpoint"]), None)
+                if drop is not None:
+                    del self.pending[drop]
+            self.pending.append({"stream": stream, "text": line, "checkpoint": checkpoint})
+        if checkpoint:
             self.wake.set()
 
-    def _send(self):
+    def _take(self):
         with self.lock:
-            batch, self.pending = self.pending[:1000], self.pending[1000:]
-        if not batch:
-            return
+            size, count = 0, 0
+            for item in self.pending:
+                if count and size + len(item["text"]) > self.MAX_BATCH:
+                    break
+                size, count = size + len(item["text"]), count + 1
+            batch, self.pending = self.pending[:count], self.pending[count:]
+        return batch
+
+    @staticmethod
+    def _chunks(batch):
         chunks = []
         for item in batch:  # consecutive lines of one stream travel as one chunk
             if chunks and chunks[-1]["stream"] == item["stream"] and len(chunks[-1]["text"]) < 32000:
                 chunks[-1]["text"] += item["text"]
             else:
-                chunks.append(dict(item))
-        for attempt in range(3):
+                chunks.append({"stream": item["stream"], "text": item["text"]})
+        return chunks
+
+    def _post(self, batch, tries=3):
+        """True when delivered (or refused for good because the job moved on)."""
+        for attempt in range(tries):
             try:
-                post(self.url, self.token, {"chunks": chunks})
-                return
+                post(self.url, self.token, {"chunks": self._chunks(batch)})
+                return True
             except urllib.error.HTTPError as exc:
+                if exc.code in (413, 422):  # too big or unreadable: the checkpoint lines alone, then give up
+                    checkpoints = [item for item in batch if item["checkpoint"]]
+                    if checkpoints and len(checkpoints) < len(batch):
+                        return self._post(checkpoints, tries)
+                    return True
                 if exc.code < 500 and exc.code != 429:
-                    return  # refused (the job moved on): nobody wants it
+                    return True  # refused (the job moved on): nobody wants it
             except OSError:
                 pass
             time.sleep(0.5 * (attempt + 1))
+        return False
+
+    def _send(self):
+        batch = self._take()
+        if batch and not self._post(batch):
+            with self.lock:  # the API is away: keep the lines for the next round (the buffer is bounded)
+                self.pending[:0] = batch[-self.MAX_PENDING:]
+            return False
+        return True
 
     def _loop(self):
         while not self.done:
@@ -102,13 +140,18 @@ class Shipper:
             self.wake.clear()
             self._send()
 
-    def close(self):
-        if self.url:
-            self.done = True
-            self.wake.set()
-            self.thread.join(timeout=10)
-            while self.pending:
-                self._send()
+    def close(self, deadline_seconds=30.0):
+        """Send what is left, for at most ``deadline_seconds``: the outcome report (and the release of
+        the capacity, which is billed meanwhile) must not wait on an unreachable API."""
+        if not self.url:
+            return
+        self.done = True
+        self.wake.set()
+        self.thread.join(timeout=10)
+        give_up = time.time() + deadline_seconds
+        while self.pending and time.time() < give_up:
+            if not self._send():
+                break
 
 
 def _pump(source, sink, stream, shipper, tail, results):

@@ -20,6 +20,8 @@ from typing import Any
 # Writes the exit code atomically so a poller never reads a half-written file.
 _WRAPPER = '"$@"; code=$?; printf %s "$code" > "$GPUFLEET_EXIT_FILE.tmp" && mv "$GPUFLEET_EXIT_FILE.tmp" "$GPUFLEET_EXIT_FILE"'
 TAIL_BYTES = 4096
+# Read once a process has ended (more than a job's kept output: the rest would be dropped anyway).
+FINAL_READ_BYTES = 64_000_000
 
 
 def argv_for(command: list[str] | str) -> list[str]:
@@ -117,7 +119,8 @@ def tail(info: dict[str, Any], name: str) -> str:
 def new_output(info: dict[str, Any], *, ended: bool = False, max_bytes: int = 256_000) -> list[tuple[str, str]]:
     """What the process printed since the last call, as (stream, text); the read offsets live in
     ``info`` (the run handle), so whichever worker polls next carries on where this one stopped.
-    Until the process has ``ended`` only whole lines are taken (a line being written waits)."""
+    Only whole lines are taken while it runs (a line being written waits; so does a line longer than
+    ``max_bytes``, until it ends or grows past it); once it has ended, the rest is read."""
     offsets = info.setdefault("offsets", {})
     chunks = []
     for stream in ("stdout", "stderr"):
@@ -126,10 +129,12 @@ def new_output(info: dict[str, Any], *, ended: bool = False, max_bytes: int = 25
         try:
             with open(path, "rb") as fh:
                 fh.seek(start)
-                data = fh.read(max_bytes)
+                data = fh.read(max_bytes if not ended else FINAL_READ_BYTES)
         except FileNotFoundError:
             continue
-        cut = len(data) if ended or len(data) >= max_bytes else data.rfind(b"\n") + 1
+        cut = len(data) if ended else data.rfind(b"\n") + 1
+        if not cut and len(data) >= max_bytes:
+            cut = len(data)  # one line longer than a read: take it in pieces rather than never
         if cut:
             offsets[stream] = start + cut
             chunks.append((stream, data[:cut].decode("utf-8", "replace")))

@@ -417,3 +417,16 @@ def test_a_transcribing_machine_gets_the_time_a_long_file_takes_to_start() -> No
     assert LocalProvider("local", {"transcription_model": "/models/x"}).start_timeout == TRANSCRIPTION_START_TIMEOUT
     assert LocalProvider("local", {"transcription_model": "/m", "transcription_timeout": 600}).start_timeout == 600
     assert LocalProvider("local", {"transcription_model": "/m", "start_timeout": 42}).start_timeout == 42
+
+
+def test_output_is_read_in_whole_lines_and_a_line_across_a_read_is_not_lost(tmp_path: Path) -> None:
+    from providers.local import processes
+
+    info = {"run_dir": str(tmp_path)}
+    checkpoint = 'GPUFLEET_CHECKPOINT {"step": 3, "uri": "u"}\n'
+    (tmp_path / "stdout.log").write_text("a" * 90 + "\n" + checkpoint + "partial")
+    first = processes.new_output(info, max_bytes=100)  # the read ends inside the checkpoint line
+    second = processes.new_output(info, max_bytes=100)
+    last = processes.new_output(info, ended=True, max_bytes=100)
+    assert [c[1] for c in first + second + last] == ["a" * 90 + "\n", checkpoint, "partial"]
+    assert processes.new_output(info, ended=True) == []
