@@ -29,7 +29,6 @@ from providers.base import (
 )
 from providers.local import processes
 
-
 TRANSCRIPTION_START_TIMEOUT = 1800.0
 
 
