@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     # it only checkpoint lines are still read), so a chatty run cannot fill the database.
     log_retention_days: int = Field(default=30, ge=1)
     max_log_chars_per_job: int = Field(default=20_000_000, ge=10_000)
+    # A warm pool member's agent asks for work every few seconds: one that has not taken a job bound to
+    # it within this many seconds is stuck (on a cancelled job) or gone, and is given back.
+    warm_claim_seconds: float = Field(default=60.0, gt=0)
     # How often pool providers (ASG, MIG) are resized from their queue depth.
     autoscale_interval_seconds: float = Field(default=15.0, gt=0)
     # Health monitor: every provider is checked on the beat this often, and the result shared through

@@ -192,6 +192,13 @@ def _observe_on_reservation(job: Snapshot, handle: RunHandle, started: float) ->
         # On a warm pool's member that is the capacity's failure, not the job's: it runs again elsewhere.
         return RunStatus(state="failed", transient=bool(handle.data.get("warm_pool")),
                          error=f"reservation {row.label if row else handle.data['on_reservation']} ended before the job finished")
+    claim_limit = get_settings().warm_claim_seconds
+    if handle.data.get("warm_pool") and job.claimed_at is None and time.time() - started > claim_limit:
+        # Its agent is not coming (stuck on a job that was cancelled, or dead): the member is given back
+        # and the job runs elsewhere, instead of every job sent there waiting out its time limit.
+        messaging.send(messaging.RELEASE_RESERVATION, [str(row.id)], provider_queue(row.provider or ""))
+        return RunStatus(state="failed", transient=True,
+                         error=f"warm instance {row.label} did not take the job within {claim_limit:.0f}s")
     if time.time() - started > job.timeout_seconds:
         return RunStatus(state="failed", error=f"exceeded its time limit of {job.timeout_seconds}s")
     return RunStatus(state="running")

@@ -45,6 +45,7 @@ class Snapshot:
     labels: dict[str, Any]
     restarts: int
     lost_seconds: float
+    claimed_at: datetime | None
 
 
 _T = JOBS.c
@@ -74,6 +75,7 @@ _COLUMNS = (
     Job.labels,
     Job.restarts,
     Job.lost_seconds,
+    Job.claimed_at,
 )
 
 
@@ -89,5 +91,6 @@ def snapshot(job_id: uuid.UUID) -> Snapshot | None:
         released_at=as_utc(row.released_at),
         started_at=as_utc(row.started_at),
         created_at=as_utc(row.created_at),
+        claimed_at=as_utc(row.claimed_at),
     )
     return Snapshot(**values)

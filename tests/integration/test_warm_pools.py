@@ -35,7 +35,7 @@ POOL = {"gpu": ["RTX 4090"], "providers": ["warm-4090"]}
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with isolated_stack(tmp_path_factory.mktemp("warm"), 3, PROVIDERS,
-                        {"GPUFLEET_AUTOSCALE_INTERVAL_SECONDS": "1"}) as running:
+                        {"GPUFLEET_AUTOSCALE_INTERVAL_SECONDS": "1", "GPUFLEET_WARM_CLAIM_SECONDS": "3"}) as running:
         yield running
 
 
@@ -84,7 +84,9 @@ def test_another_tenants_jobs_never_use_the_pool(warm: Stack) -> None:
 
 def _wait_running(client, job_id, attempt: int):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 45
-    while (seen := client.get(job_id)).status.value != "running" or seen.attempt != attempt:
+    # Running and bound: execute marks the job running before it binds it to a member.
+    while (seen := client.get(job_id)).status.value != "running" or seen.attempt != attempt \
+            or seen.use_reservation_id is None:
         assert not seen.done and time.monotonic() < deadline, (seen.status.value, seen.attempt, seen.error)
         time.sleep(0.1)
     return seen
@@ -102,3 +104,39 @@ def test_a_job_on_a_member_that_ends_runs_again_on_another(warm: Stack) -> None:
         assert second.use_reservation_id not in (None, first.use_reservation_id)
         assert any("ended before the job finished; retrying elsewhere" in e.reason for e in second.events or [])
         client.cancel(job.id)
+
+
+def test_a_member_stuck_on_a_cancelled_job_is_given_back_and_the_next_job_runs_elsewhere(warm: Stack) -> None:
+    from orchestrator.sdk import Client
+
+    with Client(warm.url, KEY_A) as client:
+        for m in _members():  # start from an empty pool: the stuck member will be its only one
+            if m.state in ("requested", "provisioning", "active"):
+                client.release_reservation(str(m.id))
+        deadline = time.monotonic() + 30
+        while any(m.state not in ("released", "failed") for m in _members()):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        stuck = client.submit("command", {"command": "sleep 25"}, requirements=POOL)
+        member = _wait_running(client, stuck.id, 1).use_reservation_id
+        deadline = time.monotonic() + 20
+        while client.get(stuck.id).result is None and not _claimed(stuck.id):
+            assert time.monotonic() < deadline, "the agent never took the job"
+            time.sleep(0.1)
+        client.cancel(stuck.id)  # its process goes on: the member's agent is busy with it
+        job = client.submit("command", {"command": "echo next"}, requirements=POOL, max_attempts=3)
+        done = client.wait(job.id, timeout=60)
+        assert done.status.value == "succeeded", done.error
+        assert done.use_reservation_id != member
+        reasons = " ".join(e.reason for e in done.events or [])
+        # The only member was the stuck one: the job was bound there first, then ran on a new member.
+        assert done.attempt == 2 and "did not take the job within 3s" in reasons
+        assert next(m for m in _members() if m.id == member).state in ("releasing", "released")
+
+
+def _claimed(job_id) -> bool:  # type: ignore[no-untyped-def]
+    from orchestrator.db.engine import session_scope
+    from orchestrator.db.models import Job
+
+    with session_scope() as s:
+        return s.get(Job, job_id).claimed_at is not None  # type: ignore[union-attr]
