@@ -75,7 +75,8 @@ def claim(rid: uuid.UUID, token: str) -> dict[str, Any] | None:
                 return None
             job_token = secrets.token_urlsafe(24)
             taken = rows_changed(s.execute(update(Job).where(
-                Job.id == job_id, Job.status == S.running.value, Job.claimed_at.is_(None)).values(
+                Job.id == job_id, Job.status == S.running.value, Job.claimed_at.is_(None),
+                Job.use_reservation_id == rid).values(
                 claimed_at=utcnow(), callback_token_hash=reports.token_hash(job_token))))
         if not taken:
             continue

@@ -37,7 +37,7 @@ def sweep(limit: int = 1000) -> Counter[str]:
     with session_scope() as s:
         rows = s.execute(
             select(Job.id, Job.status, Job.attempt, Job.queue, Job.provider, Job.run_handle, Job.reservation_id,
-                   Job.excluded_offers, Job.offer_id)
+                   Job.excluded_offers, Job.offer_id, Job.use_reservation_id)
             .where(or_(
                 and_(Job.status.in_([S.queued.value, S.placing.value, S.running.value]), Job.next_check_at < now),
                 and_(Job.status.in_([t.value for t in TERMINAL]), Job.reservation_id.is_not(None),
@@ -75,9 +75,12 @@ def sweep(limit: int = 1000) -> Counter[str]:
                 # rented carries the reservation's label: release that reservation (found by label), and
                 # place the job again away from the offer it was starting on.
                 excluded = [*(row.excluded_offers or []), f"{row.provider}/{row.offer_id}"]
+                values: dict[str, object] = {"attempt": row.attempt + 1, "excluded_offers": excluded}
+                if row.reservation_id and row.use_reservation_id:  # bound to a warm pool's member for that attempt
+                    values.update(use_reservation_id=None, claimed_at=None)
                 transition(s, row.id, expected=S.running, attempt=row.attempt, to=S.queued, actor=ACTOR,
                            reason="the executor was lost before the run was recorded; retrying elsewhere",
-                           values={"attempt": row.attempt + 1, "excluded_offers": excluded})
+                           values=values)
                 if row.reservation_id:
                     outbox.append((messaging.RELEASE_RESERVATION, [str(row.reservation_id)], provider_queue(row.provider)))
                 outbox.append((messaging.DISPATCH, [str(row.id), row.attempt + 1], row.queue))

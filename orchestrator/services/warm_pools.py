@@ -137,9 +137,18 @@ def autoscale(pool: str, config: WarmPoolConfig, depth: int, in_flight: int, wai
             grown = [reservation_requests.create(s, tenant_id, body).id for _ in range(decision.size - len(members))]
             shrunk: list[Reservation] = []
         else:
-            grown = []
-            busy = _busy(s, [m.id for m in members])
-            shrunk = [m for m in reversed(members) if m.id not in busy][: len(members) - decision.size]
+            grown, shrunk = [], []
+            for member in reversed(members):  # newest first; a busy member (or one being bound) stays
+                if len(shrunk) >= len(members) - decision.size:
+                    break
+                locked = s.scalars(select(Reservation).where(Reservation.id == member.id)
+                                   .with_for_update(skip_locked=True)).first()
+                if locked is None or _busy(s, [member.id]):
+                    continue
+                # Marked releasing under the lock bind() takes, so no job is bound to it from now on.
+                if member.provider is None or R.move(s, member.id, LIVE, R.RELEASING,
+                                                     error=f"warm pool {pool} shrank"):
+                    shrunk.append(member)
     for rid in grown:
         messaging.send(messaging.PLACE_RESERVATION, [str(rid)], "default")
     for member in shrunk:
