@@ -5,7 +5,8 @@ apart from any cloud API. Each adapter keeps the state its own way (ASG tags, a 
 Grow: queued jobs need ceil(queue / member_concurrency) members on top of the members busy with
 work in flight, ceil(in_flight / member_concurrency); that many, clamped to [min_size, max_size],
 at once, unless the last resize was less than ``cooldown_seconds`` ago — and even then once the
-oldest queued job has waited longer than the cooldown (waiting time is a signal, not just depth).
+oldest queued job has waited longer than the cooldown (waiting time is a signal, not just depth), or
+when the group is at zero (nothing can serve the work at all).
 A group above max_size is brought down to it.
 
 Shrink: only when the pool has been idle (no queue, nothing in flight) for ``idle_seconds``, and
@@ -69,7 +70,9 @@ def decide(limits: Limits, state: ScaleState, *, current: int, queue_depth: int,
         return Decision(size, f"{reason} ({facts})", active_at, needed)
 
     if wanted > current:
-        if since_resize is not None and cooling and waited_seconds < limits.cooldown_seconds:
+        # From zero nothing can serve the work at all: no cooldown is worth that wait (work placed straight
+        # onto a scaled-to-zero endpoint waits there, unseen by waited_seconds).
+        if current > 0 and since_resize is not None and cooling and waited_seconds < limits.cooldown_seconds:
             return hold(f"would grow to {wanted} but cooling down for {limits.cooldown_seconds - since_resize:.0f}s more")
         capped = f" (capped at max_size {limits.max_size}, {needed} wanted)" if needed > limits.max_size else ""
         return resize(wanted, f"grow from {current} to {wanted}{capped}")

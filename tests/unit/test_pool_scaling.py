@@ -37,6 +37,13 @@ def test_nothing_grows_during_the_cooldown() -> None:
     assert at(2, queue=8, state=state, now=T + 50).size == 4  # 60 s after the last resize
 
 
+def test_a_pool_at_zero_grows_at_once_even_in_its_cooldown() -> None:
+    # Scaled to zero a moment ago, work arrives: nothing at all can serve it, so no cooldown holds it back.
+    state = ScaleState(last_resize_at=T - 10, last_active_at=T - 10)
+    grow = at(0, queue=1, state=state)
+    assert grow.size == 1 and "grow from 0 to 1" in grow.reason
+
+
 def test_never_shrinks_while_busy() -> None:
     long_ago = ScaleState(last_resize_at=T - 5000, last_active_at=T - 5000)
     for queue, in_flight in ((1, 0), (0, 1), (1, 7)):

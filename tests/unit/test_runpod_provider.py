@@ -560,14 +560,17 @@ def test_autoscale_scales_to_zero_only_after_the_endpoint_was_idle(emu: RunPodEm
     assert note and "shrink from 2 to min_size 0 after 31s idle" in note
     assert (emu.workers_max("llm"), emu.endpoint_settings("llm")["workersMin"]) == (0, 0)
     assert provider.autoscale(0, now=t0 + 80, in_flight=0) is None  # at zero: steady
+    # From zero the cooldown does not hold work back: nothing else could serve it.
+    note = provider.autoscale(1, now=t0 + 90, in_flight=0)
+    assert note and "grow from 0 to 1" in note and emu.workers_max("llm") == 1
     # The decision's memory is in the state dir: a restarted beat keeps the cooldown of that resize.
     restarted = scaled(emu, state_dir=tmp_path)
-    note = restarted.autoscale(1, now=t0 + 90, in_flight=0)
-    assert note and "cooling down for 41s more" in note and emu.workers_max("llm") == 0
-    # With min_workers 1 the floor is one warm worker, and workersMin is kept at it.
-    warm = scaled(emu, min_workers=1, scale_cooldown_seconds=0)
-    assert warm.autoscale(0, now=t0, in_flight=0) and emu.workers_max("llm") == 1  # raised to the floor
-    assert emu.endpoint_settings("llm")["workersMin"] == 1
+    note = restarted.autoscale(2, now=t0 + 95, in_flight=1)
+    assert note and "cooling down for 55s more" in note and emu.workers_max("llm") == 1
+    # With min_workers 2 the floor is two warm workers, and workersMin is kept at it.
+    warm = scaled(emu, min_workers=2, scale_cooldown_seconds=0)
+    assert warm.autoscale(0, now=t0, in_flight=0) and emu.workers_max("llm") == 2  # raised to the floor
+    assert emu.endpoint_settings("llm")["workersMin"] == 2
 
 
 def test_autoscale_only_when_the_config_asks(emu: RunPodEmulator) -> None:
