@@ -66,10 +66,11 @@ def _row(tenant_id: uuid.UUID, req: Any, settings: Settings, now: datetime, batc
 
 
 def _max_attempts(req: Any, settings: Settings) -> int:
-    """A training run may be restarted ``max_restarts`` times: each restart is an attempt too."""
+    """A training run may be restarted ``max_restarts`` times, and each restart is an attempt too: on top
+    of them it keeps the attempts any job has for capacity that fails before it runs (a rental refused)."""
     attempts = req.max_attempts or settings.default_max_attempts
     if req.kind == "training":
-        attempts = max(attempts, req.spec.max_restarts + 1)
+        attempts = max(attempts, req.spec.max_restarts + (req.max_attempts or settings.default_max_attempts))
     return int(attempts)
 
 

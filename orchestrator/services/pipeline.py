@@ -495,7 +495,9 @@ def _finish(job: Snapshot, provider: Provider, handle: RunHandle, status: RunSta
         )
     else:
         transient, reason = _retryable(job, status)
-        ended = _fail(job, reason, actor, transient=transient, values=done, ran=True)
+        # A retryable exit is the user's code asking to run again, not the capacity failing: keep the offer.
+        ended = _fail(job, reason, actor, transient=transient, values=done, ran=True,
+                      exclude=status.transient or not transient)
     if ended and job.pair_id is not None:
         _record_pair(job.id)
     if ended and status.state == "succeeded" and "distill_student" in (job.labels or {}):
@@ -534,7 +536,7 @@ def _record_pair(job_id: uuid.UUID) -> None:
 
 
 def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: dict[str, Any] | None = None,
-          ran: bool = False) -> bool:
+          ran: bool = False, exclude: bool = True) -> bool:
     """Fail over to another offer if the failure was the capacity's and attempts remain; else fail the job.
     ``ran``: the run had started, so running it again is a restart (counted, with the work it lost).
 
@@ -542,7 +544,7 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
     settings = get_settings()
     values = {"next_check_at": None, **(values or {})}
     excluded = [*job.excluded_offers]
-    if job.placement:
+    if job.placement and exclude:
         excluded.append(offer_key(Offer(**job.placement["offer"])))
     retry = transient and job.attempt < job.max_attempts
     max_restarts = job.spec.get("max_restarts") if job.kind == "training" else None
@@ -561,7 +563,7 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
             attempt=job.attempt,
             to=S.queued,
             actor=actor,
-            reason=f"{reason}; retrying elsewhere (attempt {job.attempt + 1} of {job.max_attempts}{restart_note})",
+            reason=f"{reason}; retrying {'elsewhere' if exclude else 'again'} (attempt {job.attempt + 1} of {job.max_attempts}{restart_note})",
             values={
                 **values,
                 "attempt": job.attempt + 1,

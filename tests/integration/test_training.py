@@ -91,7 +91,10 @@ def test_user_code_failures_are_retried_only_when_their_exit_code_says_so(client
                            requirements=req)
     retried, failed = client.wait(retried.id, timeout=60), client.wait(failed.id, timeout=60)
     assert retried.status.value == "succeeded" and retried.result["runs"] == 2 and retried.restarts == 1
-    assert "exit code 75 is retryable" in " ".join(e.reason for e in retried.events)
+    reasons = " ".join(e.reason for e in retried.events)
+    # The user's code asked to run again: the offer it ran on is not held against it.
+    assert "exit code 75 is retryable); retrying again" in reasons and not retried.placement["rejected"].get(
+        f"sandbox/{retried.offer_id}")
     assert failed.status.value == "failed" and failed.attempt == 1 and "exit code 75" in failed.error
 
 
