@@ -24,6 +24,8 @@ def upgrade() -> None:
     with op.batch_alter_table('jobs') as batch:
         batch.add_column(sa.Column('restarts', sa.Integer(), server_default='0', nullable=False))
         batch.add_column(sa.Column('lost_seconds', sa.Float(), server_default='0', nullable=False))
+        batch.add_column(sa.Column('log_chars', sa.BigInteger(), server_default='0', nullable=False))
+        batch.create_index('ix_jobs_use_reservation_id', ['use_reservation_id'], unique=False)
     op.create_table('job_checkpoints',
     sa.Column('id', BIGINT_PK, autoincrement=True, nullable=False),
     sa.Column('job_id', sa.Uuid(), nullable=False),
@@ -46,12 +48,16 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_job_logs'))
     )
     op.create_index('ix_job_logs_job_id_id', 'job_logs', ['job_id', 'id'], unique=False)
+    op.create_index('ix_job_logs_at', 'job_logs', ['at'], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index('ix_job_logs_at', table_name='job_logs')
     op.drop_index('ix_job_logs_job_id_id', table_name='job_logs')
     op.drop_table('job_logs')
     op.drop_table('job_checkpoints')
     with op.batch_alter_table('jobs') as batch:
+        batch.drop_index('ix_jobs_use_reservation_id')
+        batch.drop_column('log_chars')
         batch.drop_column('lost_seconds')
         batch.drop_column('restarts')

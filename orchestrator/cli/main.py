@@ -309,7 +309,7 @@ def logs(
 ) -> None:
     """A job's output (every attempt's, in order); restarts are marked."""
     with _client() as client:
-        chunks = client.follow_logs(job_id) if follow else client.logs(job_id, limit=5000)["chunks"]
+        chunks = client.follow_logs(job_id, follow=follow)
         attempt = None
         for chunk in chunks:
             if attempt is not None and chunk["attempt"] != attempt:

@@ -140,8 +140,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The reservation of the current attempt (the capacity this attempt rents or runs on).
     reservation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
-    # Run on this existing reservation instead of renting new capacity.
-    use_reservation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # Run on this existing reservation instead of renting new capacity (or, placed on a warm pool, the
+    # member this attempt is bound to).
+    use_reservation_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     # The outcome a rented instance reported to the callback, for the attempt in it; secrets never stored:
     # only the hash of the job-scoped callback token.
     report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
@@ -155,6 +156,8 @@ class Job(Base):
     # and the work they lost: time since the last checkpoint (or since the start) when each ended.
     restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lost_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # Characters of output kept for the job (job_logs), checked against the per-job limit.
+    log_chars: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class JobEvent(Base):
@@ -190,7 +193,7 @@ class JobLog(Base):
     """A chunk of a run's output, in the order it arrived (``id``): what ``gpufleet logs`` shows."""
 
     __tablename__ = "job_logs"
-    __table_args__ = (Index("ix_job_logs_job_id_id", "job_id", "id"),)
+    __table_args__ = (Index("ix_job_logs_job_id_id", "job_id", "id"), Index("ix_job_logs_at", "at"))
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

@@ -130,17 +130,19 @@ class Client:
     def batch(self, batch_id: JobId) -> BatchOut:
         return BatchOut.model_validate(self._request("GET", f"/v1/batches/{batch_id}"))
 
-    def logs(self, job_id: JobId, after: int = 0, limit: int = 1000) -> dict[str, Any]:
+    def logs(self, job_id: JobId, after: int = 0, limit: int = 200) -> dict[str, Any]:
         """Output chunks after chunk id ``after`` (``next_after`` continues), with the job's status."""
         return dict(self._request("GET", f"/v1/jobs/{job_id}/logs", params={"after": after, "limit": limit}))
 
-    def follow_logs(self, job_id: JobId, poll_interval: float = 0.5, after: int = 0) -> Iterator[dict[str, Any]]:
-        """Yield output chunks as they arrive until the job has ended and everything is read."""
+    def follow_logs(self, job_id: JobId, poll_interval: float = 0.5, after: int = 0,
+                    follow: bool = True) -> Iterator[dict[str, Any]]:
+        """Yield every output chunk, page after page; with ``follow``, keep waiting for more until the job
+        has ended and everything is read."""
         while True:
             page = self.logs(job_id, after=after)
             yield from page["chunks"]
             after = page["next_after"]
-            if not page["chunks"] and page["status"] in ("succeeded", "failed", "cancelled"):
+            if not page["chunks"] and (not follow or page["status"] in ("succeeded", "failed", "cancelled")):
                 return
             if not page["chunks"]:
                 time.sleep(poll_interval)

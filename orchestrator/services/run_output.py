@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.clock import as_utc, utcnow
 from orchestrator.db.engine import session_scope
-from orchestrator.db.models import JobCheckpoint, JobLog
+from orchestrator.db.models import Job, JobCheckpoint, JobLog
 from orchestrator.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,12 @@ def append(session: Session, job_id: uuid.UUID, attempt: int, chunks: list[tuple
     if not rows:
         return []
     limit = get_settings().max_log_chars_per_job
-    kept = session.scalar(select(func.coalesce(func.sum(func.length(JobLog.text)), 0))
-                          .where(JobLog.job_id == job_id)) or 0
+    size = sum(len(r["text"]) for r in rows)
+    total = session.scalar(update(Job).where(Job.id == job_id).values(log_chars=Job.log_chars + size)
+                           .returning(Job.log_chars)) or 0
+    kept = total - size
     if kept < limit:
-        if kept + sum(len(r["text"]) for r in rows) >= limit:
+        if total >= limit:
             rows.append({"job_id": job_id, "attempt": attempt, "stream": "stderr",
                          "text": f"[gpufleet] this job's output passed {limit:,} characters: the rest is not kept\n"})
         session.execute(insert_rows(JobLog), rows)

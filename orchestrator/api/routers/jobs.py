@@ -117,7 +117,7 @@ def report_output(job_id: uuid.UUID, body: reports.RunOutput,
 
 @router.get("/{job_id}/logs", name="job_logs")
 def job_logs(job_id: uuid.UUID, tenant: TenantDep, after: Annotated[int, Query(ge=0)] = 0,
-             limit: Annotated[int, Query(ge=1, le=5000)] = 1000) -> dict[str, object]:
+             limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> dict[str, object]:
     """The run's output in order, every attempt's; pass the last chunk id seen as ``after`` to follow."""
     with session_scope() as s:
         job = jobs.get_job(s, tenant, job_id)
