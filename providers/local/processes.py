@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,30 @@ def argv_for(command: list[str] | str) -> list[str]:
     return ["sh", "-c", command] if isinstance(command, str) else list(command)
 
 
+# What a job inherits from the worker's environment: the basics and the GPU/ML runtime's settings —
+# never the rest, which holds our database URL, provider API keys and storage credentials (a job's
+# output is kept and shown, and a job may print its environment).
+INHERITED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+                       "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX"})
+INHERITED_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "HF_", "TRANSFORMERS_", "TORCH_", "XDG_", "OMP_", "MKL_")
+
+
+def inherited_env(extra: Iterable[str] = ()) -> dict[str, str]:
+    """The part of this process's environment a job may see; ``extra``: names an operator passes on too."""
+    allowed = INHERITED | set(extra)
+    return {k: v for k, v in os.environ.items() if k in allowed or k.startswith(INHERITED_PREFIXES)}
+
+
 def spawn(run_dir: Path, command: list[str] | str, env: dict[str, str], cwd: str | None = None,
-          kill_after: float | None = None) -> dict[str, Any]:
+          kill_after: float | None = None, inherit: Iterable[str] = ()) -> dict[str, Any]:
     """Start the command detached. ``kill_after``: seconds after which it is killed outright, as a host
-    that is taken away (the sandbox's spot offers) would end it."""
+    that is taken away (the sandbox's spot offers) would end it. ``inherit``: more variable names of
+    this process's environment to pass on (the basics always are; secrets never by default)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     exit_file = run_dir / "exit_code"
     for stale in (exit_file, run_dir / "stdout.log", run_dir / "stderr.log"):
         stale.unlink(missing_ok=True)
-    full_env = {**os.environ, **env, "GPUFLEET_EXIT_FILE": str(exit_file)}
+    full_env = {**inherited_env(inherit), **env, "GPUFLEET_EXIT_FILE": str(exit_file)}
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "wb") as err:
         proc = subprocess.Popen(
             ["sh", "-c", _WRAPPER, "gpufleet-run",

@@ -104,7 +104,8 @@ class LocalProvider(Provider):
                 raise PermanentProviderError(f"{job.kind} jobs on the local provider need a 'command'")
             run_dir = self.runs_dir / f"{job.job_id}-{job.attempt}"
             env = {**{k: str(v) for k, v in job.spec.get("env", {}).items()}, **job.env}
-            data["process"] = processes.spawn(run_dir, command, env, job.spec.get("workdir"))
+            data["process"] = processes.spawn(run_dir, command, env, job.spec.get("workdir"),
+                                              inherit=self.config.get("inherit_env", ()))
         return RunHandle(provider=self.name, lease=lease, started_at=now, data=data)
 
     def poll(self, handle: RunHandle) -> RunStatus:

@@ -430,3 +430,21 @@ def test_output_is_read_in_whole_lines_and_a_line_across_a_read_is_not_lost(tmp_
     last = processes.new_output(info, ended=True, max_bytes=100)
     assert [c[1] for c in first + second + last] == ["a" * 90 + "\n", checkpoint, "partial"]
     assert processes.new_output(info, ended=True) == []
+
+
+def test_a_local_job_does_not_inherit_the_workers_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from providers.local import processes
+
+    monkeypatch.setenv("GPUFLEET_DATABASE_URL", "postgresql://u:secret@db/x")
+    monkeypatch.setenv("VAST_API_KEY", "vast-secret")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("OPERATOR_PASSES_THIS", "yes")
+    info = processes.spawn(tmp_path, ["env"], {"MINE": "1"}, inherit=["OPERATOR_PASSES_THIS"])
+    deadline = time.time() + 10
+    while processes.exit_code(info) is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    seen = dict(line.split("=", 1) for line in (tmp_path / "stdout.log").read_text().splitlines() if "=" in line)
+    assert "GPUFLEET_DATABASE_URL" not in seen and "VAST_API_KEY" not in seen
+    assert seen["MINE"] == "1" and seen["CUDA_VISIBLE_DEVICES"] == "0" and seen["OPERATOR_PASSES_THIS"] == "yes"
+    assert "PATH" in seen
