@@ -35,6 +35,8 @@ class SandboxOffer(BaseModel):
     reserve_failure_rate: float = Field(default=0.0, ge=0, le=1)
     # Probability that the host dies while running the job (a transient failure).
     crash_rate: float = Field(default=0.0, ge=0, le=1)
+    # Spot/bid capacity (a job asking for on-demand only never lands here); one with preempt_after_seconds is.
+    interruptible: bool = False
     # A spot offer: the host is reclaimed after the run has had it this long (seconds, before time_scale).
     preempt_after_seconds: float | None = Field(default=None, gt=0)
     kinds: list[str] = Field(default_factory=lambda: list(ALL_KINDS))
@@ -48,7 +50,7 @@ DEFAULT_OFFERS: list[dict[str, Any]] = [
     {"offer_id": "a100-us", "gpu": "A100", "gpu_memory_gb": 80, "region": "us-east", "price_per_hour": 1.29,
      "capacity": 2, "boot_seconds": 0.5},
     {"offer_id": "h100-spot-us", "gpu": "H100", "gpu_memory_gb": 80, "region": "us-west", "price_per_hour": 1.89,
-     "capacity": 2, "reliability": 0.80, "crash_rate": 1.0},
+     "capacity": 2, "reliability": 0.80, "crash_rate": 1.0, "interruptible": True},
     {"offer_id": "h100-de", "gpu": "H100", "gpu_memory_gb": 80, "region": "eu-de", "price_per_hour": 2.49,
      "capacity": 2, "boot_seconds": 0.5},
     # Spot capacity that is reclaimed 1.5 s into every run: training resumes elsewhere from its checkpoint.

@@ -62,6 +62,7 @@ class SandboxProvider(Provider):
                 price_per_1k_tokens=o.price_per_1k_tokens,
                 capacity=max(0, o.capacity - len(used.get(o.offer_id, {}))),
                 reliability=o.reliability,
+                interruptible=o.interruptible or o.preempt_after_seconds is not None,
                 kinds=o.kinds,
             )
             for o in self.catalog.values()
