@@ -75,6 +75,21 @@ def _distillation_report(client: object, job: object) -> None:
     console.print("  gpufleet distill export --out train.jsonl   then: gpufleet distill train my-student", highlight=False)
 
 
+def _why_report(client: object, job_id: object) -> None:
+    """The answer to "why there?" for the failed-over job, as `gpufleet why` gives it in full."""
+    why = client.placement(job_id)  # type: ignore[attr-defined]
+    console.print(f"\n[bold]why there?[/] — gpufleet why {str(job_id)[:8]}: strategy {why.get('strategy')}, "
+                  f"{why.get('considered', 0)} offers considered", highlight=False)
+    console.print(f"  chosen: {why.get('rationale')}", highlight=False)
+    for score in (why.get("scores") or [])[:3]:
+        console.print(f"  ranked: {score['offer']:<22} ${score['price_per_hour'] or 0:.2f}/h  "
+                      f"est. ${score['estimated_cost']:.4f}  {score.get('region') or ''}", highlight=False)
+    for offer, reason in list((why.get("rejected") or {}).items())[:4]:
+        console.print(f"  rejected: {offer:<20} {reason}", highlight=False)
+    if why.get("excluded_after_failures"):
+        console.print(f"  set aside after failing this job: {', '.join(why['excluded_after_failures'])}", highlight=False)
+
+
 def _preemption_report(client: object, job: object) -> None:
     found = client.checkpoints(job.id)  # type: ignore[attr-defined]
     result = job.result or {}  # type: ignore[attr-defined]
@@ -169,6 +184,8 @@ def run_demo(time_scale: float = 1.0) -> None:
             console.print(f"\n[bold]failover[/] — job {str(failover.id)[:8]} ({failover.kind}, H100):")
             for event in failover.events or []:
                 console.print(f"  {event.from_status or '-':>9} → {event.to_status:<9} {event.reason}", highlight=False)
+        if failover is not None:
+            _why_report(client, failover.id)
         preempted = next((j for j in jobs if j.labels.get("demo") == "preemption"), None)
         if preempted is not None:
             _preemption_report(client, preempted)

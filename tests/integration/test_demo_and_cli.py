@@ -32,6 +32,8 @@ def test_demo_runs_on_the_embedded_default_with_no_services(tmp_path: Path) -> N
         assert queue in out
     assert "h100-spot-us was lost mid-job; retrying elsewhere" in out and "sandbox/h100-de" in out
     assert "teacher/student pairs" in out
+    # Why the failed-over job went where it did: the choice, and each rejected offer with its reason.
+    assert "why there?" in out and "rejected: sandbox/h100-spot-us failed this job before" in out
     # Spot capacity reclaimed mid-run: the training resumed elsewhere from its latest checkpoint.
     assert "1 restart(s)" in out and "a10-spot-us was reclaimed (preempted)" in out
     assert "restart 1 from checkpoint step" in out and "finished 24 steps" in out
