@@ -80,12 +80,23 @@ def placement_explanation(why: dict[str, Any]) -> None:
             table.add_row(str(i), row["offer"], row["tier"], row["region"], money(row["estimated_cost"]), latency,
                           f"{row['error_rate']:.0%}", str(row["free_capacity"]), f"{row['score']:.3f}", parts)
         console.print(table)
-    if why.get("rejected"):
-        table = Table(title="rejected", header_style="bold")
+    rejected = why.get("rejected") or {}
+    total = why.get("rejected_total", len(rejected))
+    if rejected:
+        title = "rejected" if total <= len(rejected) else f"rejected ({len(rejected):,} of {total:,} listed)"
+        table = Table(title=title, header_style="bold")
         table.add_column("offer or provider")
         table.add_column("why not")
-        for name, reason in sorted(why["rejected"].items()):
+        for name, reason in sorted(rejected.items()):
             table.add_row(name, reason)
+        console.print(table)
+    if total > len(rejected) and why.get("rejected_summary"):
+        # Thousands of offers: the rest are counted, per provider and reason.
+        table = Table(title="rejected offers by provider and reason", header_style="bold")
+        for column in ("provider", "why not", "offers", "listed"):
+            table.add_column(column, justify="right" if column in ("offers", "listed") else "left")
+        for row in why["rejected_summary"]:
+            table.add_row(row["provider"], row["reason"], f"{row['count']:,}", str(row["listed"]))
         console.print(table)
     history = [h for h in why.get("history", []) if h["actor"] != "api"]
     if history:

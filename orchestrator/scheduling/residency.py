@@ -18,6 +18,7 @@ one provider for the same request (shadow and teacher/student traffic honour it)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,13 +41,8 @@ class DataClassRule(BaseModel):
     replication: bool = True
 
     def rejection(self, offer: Offer, name: str) -> str | None:
-        if self.providers is not None and offer.provider not in self.providers:
-            return f"data class {name!r} does not allow provider {offer.provider}"
-        if offer.provider in self.deny_providers:
-            return f"data class {name!r} denies provider {offer.provider}"
-        if self.regions and "*" not in self.regions and not any_region_matches(offer.region, self.regions):
-            return f"region {offer.region} not allowed for data class {name!r} ({', '.join(self.regions)})"
-        return None
+        """Why the offer is outside data class ``name`` (this rule), or None (the rules: ``Residency.check``)."""
+        return Residency(name, self).rejection(offer)
 
 
 class Policy(BaseModel):
@@ -56,13 +52,99 @@ class Policy(BaseModel):
     classes: dict[str, DataClassRule] = Field(default_factory=lambda: {"public": DataClassRule()})
 
 
+# Why an offer is outside a data class (``Residency.check``); 0: inside it.
+PROVIDER_NOT_ALLOWED, PROVIDER_DENIED, REGION_NOT_ALLOWED = 1, 2, 3
+
+
 @dataclass(frozen=True)
 class Residency:
     name: str
     rule: DataClassRule
 
+    @property
+    def restricts(self) -> bool:
+        """False for a class that allows anything: placement then skips the check for every offer."""
+        rule = self.rule
+        return rule.providers is not None or bool(rule.deny_providers) or bool(rule.regions and "*" not in rule.regions)
+
+    def parts(self) -> tuple[frozenset[str] | None, frozenset[str], MatchMemo | None]:
+        """(allowed providers or None: any, denied providers, region memo or None: anywhere) — the rule as
+        placement's scan applies it inline, in ``check``'s order, for every offer that meets the job's
+        requirements (the region answer memoised per region name)."""
+        rule = self.rule
+        allowed = frozenset(rule.providers) if rule.providers is not None else None
+        regions = region_memo(tuple(rule.regions)) if rule.regions and "*" not in rule.regions else None
+        return allowed, frozenset(rule.deny_providers), regions
+
+    def check(self, offer: Offer) -> int:
+        """Which rule the offer breaks (0: none), in the order ``DataClassRule.rejection`` applies them."""
+        allowed, denied, regions = self.parts()
+        if allowed is not None and offer.provider not in allowed:
+            return PROVIDER_NOT_ALLOWED
+        if offer.provider in denied:
+            return PROVIDER_DENIED
+        if regions is not None and not regions[offer.region]:
+            return REGION_NOT_ALLOWED
+        return 0
+
+    def describe(self, code: int, offer: Offer) -> str:
+        """The reason ``check``'s answer stands for, for this offer."""
+        name, rule = self.name, self.rule
+        if code == PROVIDER_NOT_ALLOWED:
+            return f"data class {name!r} does not allow provider {offer.provider}"
+        if code == PROVIDER_DENIED:
+            return f"data class {name!r} denies provider {offer.provider}"
+        return f"region {offer.region} not allowed for data class {name!r} ({', '.join(rule.regions or [])})"
+
+    def category(self, code: int) -> str:
+        """What every offer rejected with ``code`` has in common (the explanation's summary line)."""
+        if code == PROVIDER_NOT_ALLOWED:
+            return f"provider not allowed for data class {self.name!r}"
+        if code == PROVIDER_DENIED:
+            return f"provider denied for data class {self.name!r}"
+        return f"region not allowed for data class {self.name!r} ({', '.join(self.rule.regions or [])})"
+
     def rejection(self, offer: Offer) -> str | None:
-        return self.rule.rejection(offer, self.name)
+        code = self.check(offer)
+        return self.describe(code, offer) if code else None
+
+
+class MatchMemo(dict[str, bool]):
+    """Whether a name (an offer's region, its GPU model) matches a wanted list, computed on first use:
+    a fleet of ten thousand offers has a few dozen distinct names, and placement asks for every offer.
+    A hit is one dict subscript (``__missing__`` runs only on a miss)."""
+
+    def __init__(self, matches: Callable[[str], bool]) -> None:
+        super().__init__()
+        self._matches = matches
+
+    def __missing__(self, name: str) -> bool:
+        answer = self[name] = self._matches(name)
+        return answer
+
+
+_MEMO_LIMIT = 4096
+
+
+def memo_for(memos: dict[tuple[str, ...], MatchMemo], wanted: tuple[str, ...],
+             matches: Callable[[str, list[str]], bool]) -> MatchMemo:
+    """The memo of ``wanted`` in ``memos`` (made on first use). Bounded, because a provider can list any
+    name it likes: a full table is dropped and refilled rather than grown."""
+    memo = memos.get(wanted)
+    if memo is None or len(memo) > _MEMO_LIMIT:
+        if len(memos) > 256:
+            memos.clear()
+        names = list(wanted)
+        memo = memos[wanted] = MatchMemo(lambda name: matches(name, names))
+    return memo
+
+
+_region_memos: dict[tuple[str, ...], MatchMemo] = {}
+
+
+def region_memo(wanted: tuple[str, ...]) -> MatchMemo:
+    """offer region → ``any_region_matches(region, wanted)``, memoised."""
+    return memo_for(_region_memos, wanted, any_region_matches)
 
 
 def load(path: str | Path | None) -> Policy:

@@ -1,6 +1,8 @@
 """The answer to "why there?" (``GET /v1/jobs/{id}/placement``, ``gpufleet why``): the strategy and
-data class the job was placed under, every fitting option with its score components, every
-rejected one with its reason, and the attempt history (failovers, waits, budget refusals)."""
+data class the job was placed under, the best fitting options with their score components, every
+rejected provider and rejected offer with its reason — up to ``MAX_LISTED_REJECTIONS`` offers, then
+counted per provider and reason (``rejected_total``, ``rejected_summary``) — and the attempt history
+(failovers, waits, budget refusals)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def explain(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> dict[s
         "rationale": placement.get("rationale"), "estimated_cost": placement.get("estimated_cost"),
         "cost": job.cost, "considered": placement.get("considered", 0),
         "scores": placement.get("scores", []), "rejected": placement.get("rejected", {}),
+        # Placements stored before rejections were counted listed every one of them.
+        "rejected_total": placement.get("rejected_total", len(placement.get("rejected") or {})),
+        "rejected_summary": placement.get("rejected_summary", []),
         "excluded_after_failures": list(job.excluded_offers or []),
         # While it waits, the job's error says what it waits for (capacity, budget, an unhealthy provider).
         "waiting_for": job.error if job.status == "queued" else None,

@@ -481,3 +481,214 @@ def test_shared_turns_use_the_deployments_redis_or_count_in_process_when_embedde
     assert isinstance(counter, RedisTurns) and counter.url == "redis://127.0.0.1:6379/0"
     cached = Settings(data_dir=tmp_path, broker_url="amqp://guest@rabbit//", result_url="rediss://cache:6380/2")
     assert redis_url(cached) == "rediss://cache:6380/2"
+
+
+# --- the fast path gives what the straightforward one gave ---------------------------------------------------
+
+def _reference_rejection(offer: Offer, req: Requirements, kind: str, excluded: set[str],
+                         provider_capabilities: tuple[str, ...] = ()) -> str | None:
+    """Placement's filter as first written, one offer at a time (the specification of ``_Filter.scan``)."""
+    from providers.gpus import any_gpu_matches
+    from providers.regions import any_region_matches
+
+    caps = [*offer.capabilities, *provider_capabilities]
+    if offer_key(offer) in excluded:
+        return "failed this job before"
+    if kind not in offer.kinds:
+        return f"does not run {kind} jobs"
+    if req.needs_gpu():
+        if not offer.gpu:
+            return "no GPU"
+        if req.gpu and not any_gpu_matches(offer.gpu, req.gpu):
+            return f"GPU {offer.gpu} not in {req.gpu}"
+        if offer.gpu_count < max(1, req.gpu_count):
+            return f"{offer.gpu_count} GPUs < {req.gpu_count}"
+        if req.min_gpu_memory_gb and offer.gpu_memory_gb < req.min_gpu_memory_gb:
+            return f"{offer.gpu_memory_gb:g} GB GPU memory < {req.min_gpu_memory_gb:g}"
+    usage = offer.price_per_1k_tokens is not None and kind in ("inference", "transcription")
+    if req.max_price_per_hour is not None and not usage and offer.price_per_hour > req.max_price_per_hour:
+        return f"${offer.price_per_hour:.2f}/h > max ${req.max_price_per_hour:.2f}/h"
+    if (req.max_price_per_1k_tokens is not None and offer.price_per_1k_tokens is not None
+            and offer.price_per_1k_tokens > req.max_price_per_1k_tokens):
+        return f"${offer.price_per_1k_tokens:g}/1K tokens > max ${req.max_price_per_1k_tokens:g}/1K"
+    if req.context_window is not None and (offer.context_window or 0) < req.context_window:
+        have = f"{offer.context_window} tokens" if offer.context_window else "not declared"
+        return f"context window {have} < {req.context_window} needed"
+    if req.capabilities:
+        missing = sorted(set(req.capabilities) - {*caps, *offer.kinds})
+        if missing:
+            return f"missing capability {', '.join(missing)}"
+    if req.min_reliability is not None and offer.reliability < req.min_reliability:
+        return f"reliability {offer.reliability:.3f} < {req.min_reliability}"
+    if req.interruptible is False and offer.interruptible:
+        return "interruptible (spot) capacity not allowed"
+    if req.regions and not any_region_matches(offer.region, req.regions):
+        return f"region {offer.region} not in {req.regions}"
+    if offer.capacity <= 0:
+        return "no free capacity"
+    return None
+
+
+def _random_case(rng):  # type: ignore[no-untyped-def]
+    """A random fleet (≤ 100 offers: every rejection is listed), requirements, residency and exclusions."""
+    from orchestrator.scheduling.placement import RoutingPolicy
+    from orchestrator.scheduling.residency import DataClassRule, Policy
+
+    gpus = ["A100", "A100 SXM4 80GB", "NVIDIA A100-PCIE", "H100 NVL", "NVIDIA GeForce RTX 4090", "L4", None, ""]
+    regions = ["eu-west-1", "eu-west-2", "DE", "Texas, US", "us-east", "EU-RO-1", "europe-west4-a", "JP", "local"]
+    kinds = [["training", "inference", "command"], ["inference"], ["inference", "transcription"], ["command"]]
+    registry: dict[str, Provider] = {}
+    for name in rng.sample(["p", "q", "p-q", "api"], rng.randint(1, 4)):
+        offers = [Offer(provider=name, offer_id=f"o{rng.randrange(40)}", gpu=rng.choice(gpus),
+                        gpu_count=rng.choice([0, 1, 2, 8]), gpu_memory_gb=rng.choice([0, 24, 80]),
+                        region=rng.choice(regions), price_per_hour=rng.choice([0.0, 0.4, 1.2, 1.2, 3.0]),
+                        price_per_1k_tokens=rng.choice([None, None, 0.0005, 0.004]), capacity=rng.choice([0, 1, 1, 4]),
+                        reliability=rng.choice([0.8, 0.95, 0.99]), kinds=rng.choice(kinds),
+                        interruptible=rng.random() < 0.3, context_window=rng.choice([None, 8000, 128000]),
+                        capabilities=rng.choice([[], ["reasoning"], ["json", "vision"]]))
+                  for _ in range(rng.randint(0, 30))]
+        stub = _Stub(name, offers)
+        stub.kind = rng.choice(list(ProviderKind))  # type: ignore[misc]
+        stub.capabilities = rng.choice([(), ("reasoning",)])
+        stub.last_resort = rng.random() < 0.1
+        registry[name] = stub
+    requirements = {key: value for key, value in {
+        "gpu": rng.choice([None, ["A100"], ["H100", "4090"], ["a100"]]), "gpu_count": rng.choice([0, 0, 1, 2]),
+        "min_gpu_memory_gb": rng.choice([None, 40.0]), "max_price_per_hour": rng.choice([None, 1.0, 2.5]),
+        "max_price_per_1k_tokens": rng.choice([None, 0.001]), "context_window": rng.choice([None, 100_000]),
+        "capabilities": rng.choice([None, ["reasoning"], ["inference"]]), "min_reliability": rng.choice([None, 0.9]),
+        "interruptible": rng.choice([None, False, True]), "regions": rng.choice([None, ["EU"], ["US", "DE"]]),
+        "strategy": rng.choice(["lowest_cost", "score", "tiered", "failover", "weighted_random"]),
+        "failover_order": rng.choice([None, ["q", "p"]]), "data_class": rng.choice([None, "pii-eu", "no-api"]),
+    }.items() if value is not None}
+    policy = RoutingPolicy(residency=Policy(classes={
+        "public": DataClassRule(), "pii-eu": DataClassRule(regions=["EU"]),
+        "no-api": DataClassRule(providers=["p", "q", "p-q"], deny_providers=["q"])}))
+    keys = [offer_key(o) for stub in registry.values() for o in stub._offers]  # type: ignore[attr-defined]
+    excluded = set(rng.sample(keys, min(len(keys), rng.randint(0, 2))))
+    busy = set(rng.sample(keys, min(len(keys), rng.randint(0, 2))))
+    kind = rng.choice(["training", "inference", "command"])
+    return registry, kind, Requirements(**requirements), policy, excluded, busy
+
+
+def test_placement_decides_and_explains_as_the_one_offer_at_a_time_filter_did() -> None:
+    import random
+
+    from orchestrator.scheduling.placement import NO_FREE_CAPACITY, Placement
+    from orchestrator.scheduling.residency import resolve
+    from orchestrator.scheduling.strategies import LocalTurns, Option, default_tier
+    from tests.unit.test_strategies import _reference_rank
+
+    rng = random.Random(5)
+    spec = {"model": "m", "prompt": "p", "max_tokens": 100}
+    outcomes = {"placed": 0, "busy": 0, "none": 0}
+    for trial in range(400):
+        registry, kind, req, policy, excluded, busy = _random_case(rng)
+        data = resolve(policy.residency, req.data_class)
+        expected: dict[str, str] = {}
+        options: list[Option] = []
+        rejections = 0  # offers, not keys: a key listed twice is one entry of ``expected``
+        for stub in registry.values():
+            for offer in stub.offers(req, kind, spec):
+                reason = (_reference_rejection(offer, req, kind, excluded, stub.capabilities)
+                          or data.rule.rejection(offer, data.name))
+                if reason is None and offer_key(offer) in busy:
+                    reason = NO_FREE_CAPACITY
+                if reason:
+                    expected[offer_key(offer)] = reason
+                    rejections += 1
+                    continue
+                if stub.capabilities:
+                    offer = offer.model_copy(update={"capabilities": [*offer.capabilities, *stub.capabilities]})
+                options.append(Option(offer=offer, estimated_cost=estimate_cost(offer, kind, spec, 600),
+                                      provider_kind=stub.kind, tier=stub.tier or default_tier(stub.kind, offer),
+                                      last_resort=stub.last_resort))
+        try:
+            placement: Placement = place(registry, kind, spec, req, 600, excluded, policy=policy, busy=busy,
+                                         seed=f"job-{trial}", turns=LocalTurns())
+        except NoPlacement as err:
+            assert not options, trial
+            detail = "; ".join(f"{k}: {v}" for k, v in sorted(expected.items())) or "no provider offers this kind of job"
+            full = NO_FREE_CAPACITY in expected.values()
+            assert isinstance(err, CapacityBusy) == full, trial
+            assert str(err).endswith(f"({detail})"), (trial, str(err), detail)
+            outcomes["busy" if full else "none"] += 1
+            continue
+        outcomes["placed"] += 1
+        ranked = _reference_rank(options, req.strategy or "lowest_cost", seed=f"job-{trial}",
+                                 failover_order=req.failover_order, value_per_1k=req.max_price_per_1k_tokens,
+                                 turns=LocalTurns())
+        assert placement.rejected == expected, trial
+        assert placement.rejected_total == len(expected) and placement.considered == len(expected) + len(options)
+        assert [(c.offer, c.estimated_cost) for c in placement.candidates] == [(r[0].offer, r[0].estimated_cost)
+                                                                                for r in ranked], trial
+        assert [(s["offer"], s["score"], s["components"]) for s in placement.scores] == [
+            (offer_key(r[0].offer), r[1], r[2]) for r in ranked[:20]]
+        assert placement.rationale.endswith(f"; {len(expected)} rejected")
+        assert sum(row["count"] for row in placement.rejected_summary) == rejections
+    assert min(outcomes.values()) > 20, outcomes  # every outcome was exercised
+
+
+def _many(provider: str, count: int, start: int = 0, **fields: object) -> list[Offer]:
+    base: dict[str, object] = {"gpu": "A100", "gpu_count": 1, "gpu_memory_gb": 80, "region": "us-east", "price_per_hour": 1.0,
+                               "capacity": 1, "kinds": ["training"], **fields}
+    return [Offer(provider=provider, offer_id=f"o{i}", **base) for i in range(start, start + count)]  # type: ignore[arg-type]
+
+
+def test_thousands_of_rejections_are_counted_by_provider_and_reason_with_examples_listed() -> None:
+    from orchestrator.scheduling.placement import MAX_LISTED_REJECTIONS
+
+    big = _Stub("big", [*_many("big", 600, gpu="RTX 4090"), *_many("big", 300, 600, region="eu-west-1"),
+                        *_many("big", 5, 900, capacity=0, price_per_hour=0.05), *_many("big", 40, 905, price_per_hour=9.0),
+                        *_many("big", 1, 945, price_per_hour=0.5)])
+    other = _Stub("other", _many("other", 80, gpu="L4"))
+    registry = {"big": big, "other": other, "down": _Stub("down", _many("down", 3), healthy=False)}
+    placement = _place(registry, gpu=["A100"], regions=["US"], max_price_per_hour=2.0)
+    assert placement.offer.offer_id == "o945"
+    offers_listed = {k: v for k, v in placement.rejected.items() if "/" in k}
+    assert len(offers_listed) == MAX_LISTED_REJECTIONS and placement.rejected["down"] == "unhealthy: api down"
+    assert placement.rejected["big/o900"] == "no free capacity"  # every reason has examples, however rare
+    assert placement.rejected["big/o905"] == "$9.00/h > max $2.00/h"
+    assert placement.rejected["big/o600"] == "region eu-west-1 not in ['US']"
+    assert placement.rejected["big/o0"] == "GPU RTX 4090 not in ['A100']"
+    assert placement.rejected_total == 600 + 300 + 5 + 40 + 80 + 1 and placement.considered == placement.rejected_total + 1
+    assert placement.rationale.endswith(f"; {placement.rejected_total} rejected")
+    summary = {(r["provider"], r["reason"]): (r["count"], r["listed"]) for r in placement.rejected_summary}
+    assert summary[("big", "GPU not in ['A100']")][0] == 600 and summary[("big", "no free capacity")] == (5, 5)
+    assert summary[("big", "region not in ['US']")][0] == 300 and summary[("big", "over max $2.00/h")][0] == 40
+    assert summary[("other", "GPU not in ['A100']")][0] == 80
+    assert sum(listed for _, listed in summary.values()) == MAX_LISTED_REJECTIONS
+    assert [r["provider"] for r in placement.rejected_summary][0] == "big"  # providers in order, commonest first
+
+    with pytest.raises(CapacityBusy) as err:  # nothing fits but some are full: wait, and say what was counted
+        _place(registry, gpu=["A100"], regions=["US"], max_price_per_hour=0.1)
+    message = str(err.value)
+    assert message.startswith("every fitting offer is full (") and "\n" not in message
+    assert "big/o900: no free capacity" in message and "more offers (big: " in message
+    assert "× GPU not in ['A100']" in message
+
+
+def test_candidates_past_the_first_few_come_in_full_order() -> None:
+    from orchestrator.scheduling.strategies import HEAD
+
+    offers = [_offer("p", f"o{i}", price=round(1 + (i * 7919 % 101) / 100, 2)) for i in range(HEAD * 3)]
+    placement = _place({"p": _Stub("p", offers)}, gpu=["A100"])
+    got = [(c.estimated_cost, c.offer.offer_id) for c in placement.candidates]
+    assert got == sorted(got, key=lambda pair: (pair[0], f"p/{pair[1]}")) and len(got) == HEAD * 3
+    later = placement.choose(HEAD + 5, {"p/x": "over budget"})
+    assert later.offer == placement.candidates[HEAD + 5].offer and later.rejected_total == placement.rejected_total + 1
+
+
+def test_gpufleet_why_shows_the_counted_rejections(capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli.render import placement_explanation
+
+    big = _Stub("big", [*_many("big", 300, gpu="RTX 4090"), *_many("big", 1, 300, price_per_hour=0.5)])
+    stored = _place({"big": big}, gpu=["A100"]).model_dump(mode="json")  # as the job row keeps it
+    assert "candidates" not in stored and stored["rejected_total"] == 300
+    why = {"job_id": "j", "status": "running", "attempt": 1, "strategy": stored["strategy"], "data_class": "public",
+           "rationale": stored["rationale"], "scores": stored["scores"], "rejected": stored["rejected"],
+           "rejected_total": stored["rejected_total"], "rejected_summary": stored["rejected_summary"], "history": []}
+    placement_explanation(why)
+    out = capsys.readouterr().out
+    assert "rejected (100 of 300 listed)" in out and "big/o0" in out and "GPU RTX 4090 not in ['A100']" in out
+    assert "rejected offers by provider and reason" in out and "300" in out
