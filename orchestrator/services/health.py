@@ -24,7 +24,8 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -206,23 +207,25 @@ def probe_all() -> dict[str, str]:
     now = utcnow()
     current = snapshot(max_age=0)
     resting = {name for name, view in current.items() if view.breaker == OPEN and name in providers}
-    outcomes: dict[str, tuple[bool, float | None, str]] = {}
+    result: dict[str, str] = {name: _touch(name, now) for name in providers if name in resting}
     to_check = [p for name, p in providers.items() if name not in resting]
-    timeout = max(5.0, settings.health_interval_seconds)
+    # Half a period: a provider whose API hangs is out of routing soon after the check that found it,
+    # not a whole period later; each result is written as it comes, not after the slowest check.
+    timeout = max(1.0, settings.health_interval_seconds / 2)
     if to_check:
         pool = ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_CHECKS, len(to_check)), thread_name_prefix="health")
         futures = {pool.submit(_check, p): p.name for p in to_check}
-        done, _ = wait(futures, timeout=timeout)
-        pool.shutdown(wait=False, cancel_futures=True)  # a hung check must not hold up the beat
-        for future, name in futures.items():
-            outcomes[name] = future.result() if future in done else (False, None, f"health check took over {timeout:.0f}s")
-    result: dict[str, str] = {}
-    for name in providers:
-        if name in resting:
-            result[name] = _touch(name, now)
-        else:
-            ok, latency, detail = outcomes[name]
-            result[name] = _record(name, ok, latency, detail, cfg, probe=True)
+        try:
+            for future in as_completed(futures, timeout=timeout):
+                ok, latency, detail = future.result()
+                result[futures[future]] = _record(futures[future], ok, latency, detail, cfg, probe=True)
+        except FuturesTimeout:
+            pass
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a hung check must not hold up the beat
+        for name in futures.values():
+            if name not in result:
+                result[name] = _record(name, False, None, f"health check took over {timeout:.0f}s", cfg, probe=True)
     _forget()
     return result
 
