@@ -18,6 +18,7 @@ are counted per provider and reason); and ranking orders and builds only the opt
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, overload
@@ -31,6 +32,7 @@ from orchestrator.scheduling.residency import Policy, Residency
 from orchestrator.scheduling.strategies import Ranked, Ranking, Source, TurnCounter, Weights
 from providers.base import Offer, PermanentProviderError, Provider, ProviderError, ProviderKind, Requirements
 from providers.gpus import any_gpu_matches
+from providers.llm_api.prices import TOKENS_PER_AUDIO_MINUTE
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +123,17 @@ def usage_priced(offer: Offer, kind: str) -> bool:
     return offer.price_per_1k_tokens is not None and kind in ("inference", "transcription")
 
 
+def usage_tokens(kind: str, spec: dict[str, Any]) -> int:
+    """Tokens a usage-priced job is expected to bill: a transcription, the words spoken in its audio (a
+    minute's when its length is unknown); anything else, its answer's budget plus a prompt."""
+    if kind == "transcription":
+        return math.ceil(float(spec.get("duration_seconds") or 60) / 60 * TOKENS_PER_AUDIO_MINUTE)
+    return int(spec.get("max_tokens", 256)) + 200
+
+
 def estimate_cost(offer: Offer, kind: str, spec: dict[str, Any], timeout_seconds: int) -> float:
     if offer.price_per_1k_tokens is not None and usage_priced(offer, kind):
-        tokens = int(spec.get("max_tokens", 256)) + 200
-        return offer.price_per_1k_tokens * tokens / 1000
+        return offer.price_per_1k_tokens * usage_tokens(kind, spec) / 1000
     seconds = min(_ESTIMATED_SECONDS.get(kind, 60), timeout_seconds)
     return offer.price_per_hour * seconds / 3600
 
@@ -249,7 +258,7 @@ class _Filter:
                 per_1k = d["price_per_1k_tokens"]
                 if usage_kind and per_1k is not None:
                     if tokens is None:
-                        tokens = int(self.spec.get("max_tokens", 256)) + 200
+                        tokens = usage_tokens(self.kind, self.spec)
                     costs.append(per_1k * tokens / 1000)
                 else:
                     costs.append(d["price_per_hour"] * seconds / 3600)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import time
+import wave
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,7 +181,21 @@ def _from_directory(root: Path) -> list[Item]:
         key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise BatchInputError(f"{root}: no audio files ({', '.join(sorted(AUDIO_EXTENSIONS))}) in this directory")
-    return [Item(p.relative_to(root).as_posix(), {"audio_url": str(p.resolve())}) for p in files]
+    return [Item(p.relative_to(root).as_posix(), {"audio_url": str(p.resolve()), **_wav_length(p)}) for p in files]
+
+
+def _wav_length(path: Path) -> dict[str, float]:
+    """``duration_seconds`` of a readable WAV file (the header says it), so the estimate prices the audio
+    there is rather than a guess; nothing for other formats or a file that is not readable (the run says
+    why)."""
+    if path.suffix.lower() != ".wav":
+        return {}
+    try:
+        with wave.open(str(path), "rb") as audio:
+            frames, rate = audio.getnframes(), audio.getframerate()
+    except (wave.Error, EOFError, OSError):
+        return {}
+    return {"duration_seconds": round(frames / rate, 3)} if frames > 0 and rate > 0 else {}
 
 
 def _from_s3(uri: str) -> list[Item]:

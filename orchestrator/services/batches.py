@@ -48,7 +48,7 @@ from orchestrator.domain import (
 )
 from orchestrator.errors import CapacityBusy, Conflict, InvalidInput, NoPlacement, NotFound
 from orchestrator.scheduling import residency
-from orchestrator.scheduling.placement import offer_key, place, routing_policy, usage_priced
+from orchestrator.scheduling.placement import estimate_cost, offer_key, place, routing_policy, usage_priced
 from orchestrator.scheduling.queues import queue_for
 from orchestrator.services import jobs
 from orchestrator.settings import Settings
@@ -409,6 +409,9 @@ def estimate(kind: str, options: JobOptions, reqs: list[Any], total: int, settin
         measured = _measured_seconds(tenant_id, kind, offer.provider, offer.offer_id)
         hourly = not usage_priced(offer, kind) and offer.price_per_hour > 0
         per_item_cost = placement.estimated_cost
+        if usage_priced(offer, kind):  # billed per token: each item's own length counts (audio differs)
+            per_item_cost = sum(estimate_cost(offer, kind, m.spec.model_dump(mode="json", exclude_none=True), timeout)
+                                for m in members) / len(members)
         if measured is not None:
             per_item_seconds = measured
             if hourly:

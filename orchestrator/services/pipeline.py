@@ -563,7 +563,8 @@ def _fail(job: Snapshot, reason: str, actor: str, *, transient: bool, values: di
             attempt=job.attempt,
             to=S.queued,
             actor=actor,
-            reason=f"{reason}; retrying {'elsewhere' if exclude else 'again'} (attempt {job.attempt + 1} of {job.max_attempts}{restart_note})",
+            reason=f"{reason}; retrying {'elsewhere' if exclude else 'again'} "
+                   f"(attempt {job.attempt + 1} of {job.max_attempts}{restart_note})",
             values={
                 **values,
                 "attempt": job.attempt + 1,

@@ -70,12 +70,13 @@ def append(session: Session, job_id: uuid.UUID, attempt: int, chunks: list[tuple
     checkpoint lines are still recorded: a run's progress matters more than its chatter."""
     # Postgres text cannot hold NUL; a chunk keeps its end (the latest lines) when it is too long.
     chunks = [(stream, text.replace("\x00", "")) for stream, text in chunks]
-    rows = [{"job_id": job_id, "attempt": attempt, "stream": stream if stream in STREAMS else "stdout",
-             "text": text[-MAX_CHUNK:]} for stream, text in chunks if text]
+    rows: list[dict[str, Any]] = [
+        {"job_id": job_id, "attempt": attempt, "stream": stream if stream in STREAMS else "stdout",
+         "text": text[-MAX_CHUNK:]} for stream, text in chunks if text]
     if not rows:
         return []
     limit = get_settings().max_log_chars_per_job
-    size = sum(len(r["text"]) for r in rows)
+    size = sum(len(str(r["text"])) for r in rows)
     total = session.scalar(update(Job).where(Job.id == job_id).values(log_chars=Job.log_chars + size)
                            .returning(Job.log_chars)) or 0
     kept = total - size

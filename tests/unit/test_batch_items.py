@@ -52,6 +52,20 @@ def test_directory_gives_sorted_audio_files_keyed_by_relative_path(tmp_path: Pat
     assert items.source == str(tmp_path.resolve())
 
 
+def test_a_readable_wav_carries_its_length_for_the_estimate(tmp_path: Path) -> None:
+    import wave
+
+    with wave.open(str(tmp_path / "call.wav"), "wb") as audio:
+        audio.setnchannels(1)
+        audio.setsampwidth(2)
+        audio.setframerate(8000)
+        audio.writeframes(b"\0\0" * 8000 * 3)
+    (tmp_path / "broken.wav").write_bytes(b"not a wav")
+    specs = {i.key: i.spec for i in transcription_items(tmp_path).items}
+    assert specs["call.wav"]["duration_seconds"] == 3.0
+    assert "duration_seconds" not in specs["broken.wav"]  # the run says what is wrong with it
+
+
 def test_same_source_same_keys_and_hash_and_a_new_file_changes_the_hash(tmp_path: Path) -> None:
     for i in range(5):
         _touch(tmp_path / f"call-{i}.wav")

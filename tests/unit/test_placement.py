@@ -692,3 +692,13 @@ def test_gpufleet_why_shows_the_counted_rejections(capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert "rejected (100 of 300 listed)" in out and "big/o0" in out and "GPU RTX 4090 not in ['A100']" in out
     assert "rejected offers by provider and reason" in out and "300" in out
+
+
+def test_a_transcription_priced_per_token_is_estimated_from_its_audio_length() -> None:
+    from orchestrator.scheduling.placement import estimate_cost
+
+    offer = Offer(provider="api", offer_id="whisper", price_per_hour=0.0, price_per_1k_tokens=0.002,
+                  kinds=["transcription"])
+    # About 150 words a minute: two minutes of audio bill ~300 tokens; unknown length counts as a minute.
+    assert estimate_cost(offer, "transcription", {"duration_seconds": 120}, 600) == pytest.approx(0.0006)
+    assert estimate_cost(offer, "transcription", {}, 600) == pytest.approx(0.0003)
