@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, delete, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.settings import get_settings
@@ -88,3 +88,18 @@ def reset_engines() -> None:
 def rows_changed(result: Result[Any]) -> int:
     """Rows an UPDATE touched: 0 means a guard did not match (someone else moved the row first)."""
     return cast(CursorResult[Any], result).rowcount
+
+
+def delete_in_batches(id_column: Any, *where: Any, batch: int = 1000) -> int:
+    """Delete the rows matching ``where`` a batch per transaction (retention sweeps: the table is never
+    locked for long); returns how many went."""
+    table = id_column.class_
+    deleted = 0
+    while True:
+        with session_scope() as s:
+            ids = list(s.scalars(select(id_column).where(*where).limit(batch)))
+            if ids:
+                s.execute(delete(table).where(id_column.in_(ids)))
+        deleted += len(ids)
+        if len(ids) < batch:
+            return deleted

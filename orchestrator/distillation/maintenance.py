@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import update
 
 from orchestrator.clock import utcnow
-from orchestrator.db.engine import rows_changed, session_scope
+from orchestrator.db.engine import delete_in_batches, rows_changed, session_scope
 from orchestrator.db.models import DistillationPair
 from orchestrator.distillation import traffic
 from orchestrator.settings import get_settings
@@ -22,15 +22,7 @@ STALE_PENDING = timedelta(days=1)
 def maintain() -> dict[str, int]:
     settings = get_settings()
     cutoff = utcnow() - timedelta(days=settings.distill_retention_days)
-    deleted = 0
-    while True:
-        with session_scope() as s:
-            ids = list(s.scalars(select(DistillationPair.id).where(DistillationPair.created_at < cutoff).limit(BATCH)))
-            if ids:
-                s.execute(delete(DistillationPair).where(DistillationPair.id.in_(ids)))
-        deleted += len(ids)
-        if len(ids) < BATCH:
-            break
+    deleted = delete_in_batches(DistillationPair.id, DistillationPair.created_at < cutoff, batch=BATCH)
     with session_scope() as s:
         abandoned = rows_changed(s.execute(update(DistillationPair).where(
             DistillationPair.status == "pending", DistillationPair.created_at < utcnow() - STALE_PENDING,

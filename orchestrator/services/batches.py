@@ -9,12 +9,11 @@ Progress is computed from the jobs (Postgres is the truth), never kept as a coun
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import statistics
 import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -265,19 +264,6 @@ def progress(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Bat
         updated_at=as_utc(batch.updated_at), output_uri=batch.output_uri, estimate=batch.estimate, options=batch.options)
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = f"{as_utc(job.created_at).isoformat()}|{job.id}"  # type: ignore[union-attr]
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        at, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return datetime.fromisoformat(at), uuid.UUID(job_id)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("cursor", "not valid: pass the next_cursor of a previous page") from None
-
-
 def item_out(job: Job, with_result: bool) -> BatchItemOut:
     return BatchItemOut(key=(job.labels or {}).get(ITEM_LABEL, str(job.id)), job_id=job.id, status=job.status,
                         attempt=job.attempt, max_attempts=job.max_attempts, error=job.error, cost=job.cost,
@@ -293,10 +279,10 @@ def list_items(session: Session, tenant_id: uuid.UUID, batch_id: uuid.UUID, *, s
     if status:
         query = query.where(Job.status == status)
     if cursor:
-        at, last_id = _decode_cursor(cursor)
+        at, last_id = jobs.decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) > tuple_(at, last_id))
     found = list(session.scalars(query.order_by(Job.created_at, Job.id).limit(limit + 1)))
-    next_cursor = _encode_cursor(found[limit - 1]) if len(found) > limit else None
+    next_cursor = jobs.encode_cursor(found[limit - 1]) if len(found) > limit else None
     return BatchItemPage(items=[item_out(j, results) for j in found[:limit]], next_cursor=next_cursor)
 
 

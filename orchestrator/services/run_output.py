@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy import insert as insert_rows
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from orchestrator.clock import as_utc, utcnow
-from orchestrator.db.engine import session_scope
+from orchestrator.db.engine import delete_in_batches, session_scope
 from orchestrator.db.models import Job, JobCheckpoint, JobLog
 from orchestrator.settings import get_settings
 
@@ -130,15 +130,6 @@ def read(job_id: uuid.UUID, after: int = 0, limit: int = 1000) -> list[dict[str,
 
 
 def prune(batch: int = 5000) -> int:
-    """Delete output older than the retention, a batch at a time (the table never locks up); returns how
-    many chunks went."""
+    """Delete output older than the retention; returns how many chunks went."""
     cutoff = utcnow() - timedelta(days=get_settings().log_retention_days)
-    deleted = 0
-    while True:
-        with session_scope() as s:
-            ids = list(s.scalars(select(JobLog.id).where(JobLog.at < cutoff).limit(batch)))
-            if ids:
-                s.execute(delete(JobLog).where(JobLog.id.in_(ids)))
-        deleted += len(ids)
-        if len(ids) < batch:
-            return deleted
+    return delete_in_batches(JobLog.id, JobLog.at < cutoff, batch=batch)
